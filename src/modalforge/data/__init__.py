@@ -1,0 +1,1 @@
+"""Manifests, schema inference, validation, splits and per-modality preprocessing."""

@@ -1,0 +1,1 @@
+"""``avdigits``: placeholder, being written."""

@@ -1,0 +1,50 @@
+"""Shared fixtures: tiny images, clips and manifests made in the test, never downloaded."""
+
+from __future__ import annotations
+
+import io
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+from PIL import Image
+
+
+def png_bytes(size=(30, 20), color=(200, 40, 40), mode="RGB") -> bytes:
+    buf = io.BytesIO()
+    Image.new(mode, size, color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def sine(freq: float = 440.0, seconds: float = 0.5, sr: int = 16_000) -> np.ndarray:
+    t = np.arange(round(seconds * sr)) / sr
+    return (0.5 * np.sin(2 * np.pi * freq * t)).astype(np.float32)
+
+
+def wav_bytes(wave: np.ndarray, sr: int = 16_000, fmt: str = "WAV") -> bytes:
+    buf = io.BytesIO()
+    sf.write(buf, wave, sr, format=fmt)
+    return buf.getvalue()
+
+
+@pytest.fixture
+def mixed_manifest(tmp_path: Path) -> Path:
+    """A 6-row CSV manifest with image, text, audio and label columns, all good."""
+    (tmp_path / "img").mkdir()
+    (tmp_path / "aud").mkdir()
+    rows = ["image,text,audio,label"]
+    for i in range(6):
+        (tmp_path / "img" / f"{i}.png").write_bytes(png_bytes(color=(40 * i, 10, 10)))
+        (tmp_path / "aud" / f"{i}.wav").write_bytes(wav_bytes(sine(200 + 50 * i, 0.3)))
+        rows.append(f"img/{i}.png,sample number {i},aud/{i}.wav,{'ab'[i % 2]}")
+    path = tmp_path / "manifest.csv"
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+def requires(binary: str):
+    return pytest.mark.skipif(
+        shutil.which(binary) is None, reason=f"{binary} not installed (make install adds it)"
+    )
