@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 import soundfile as sf
+import torch
 
 from modalforge.data.audio import (
     AudioConfig,
@@ -58,6 +59,9 @@ def test_log_mel_shapes_and_golden_silence():
     silence = log_mel(np.zeros(16_000, dtype=np.float32))
     assert float(silence.max() - silence.min()) == pytest.approx(0.0, abs=1e-6)
     assert float(silence.mean()) == pytest.approx(-1.5, abs=1e-6)
+    # a clip's features do not depend on what else is in the batch
+    alone = log_mel([sine(880, 0.5)])
+    assert torch.equal(feats[1, :, :50], alone[0])
 
 
 def test_duration_guard_and_bad_audio():

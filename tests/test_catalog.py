@@ -93,6 +93,10 @@ def test_emoji_build_is_idempotent_and_checks_integrity(tmp_path, monkeypatch):
     third = emoji.build_emoji(out, tarball=tgz, variants=True)
     assert not third.reused and (out / frame["audio"][1]).is_file()
     assert (out / frame["audio"][0]).stat().st_mtime_ns == stamp
+    # another seed means other voices: no file of the old recipe survives
+    before = (out / frame["audio"][0]).read_bytes()
+    fourth = emoji.build_emoji(out, tarball=tgz, variants=True, seed=7)
+    assert not fourth.reused and (out / frame["audio"][0]).read_bytes() != before
 
 
 def test_fetch_tarball_verifies_and_replaces_tampered_cache(tmp_path, monkeypatch):

@@ -114,14 +114,23 @@ def log_mel(
 
     ``pad_to_30s`` gives the 3000 frames the stock Whisper encoder insists on; otherwise the
     batch is padded to its longest clip (trimmed-window encoders, from-scratch audio CNNs).
+    Each clip is computed on its own and padded with its own floor value (Whisper clamps every
+    clip at its max - 8), so a clip's features never depend on the rest of the batch.
     """
     if isinstance(waves, np.ndarray) and waves.ndim == 1:
         waves = [waves]
     fe = whisper_feature_extractor(n_mels, sample_rate)
-    feats = fe(
-        [np.asarray(w, dtype=np.float32) for w in waves],
-        sampling_rate=sample_rate,
-        padding="max_length" if pad_to_30s else "longest",
-        return_tensors="np",
-    ).input_features
-    return torch.from_numpy(np.ascontiguousarray(feats, dtype=np.float32))
+    feats = [
+        fe(
+            np.asarray(w, dtype=np.float32),
+            sampling_rate=sample_rate,
+            padding="max_length" if pad_to_30s else "longest",
+            return_tensors="np",
+        ).input_features[0]
+        for w in waves
+    ]
+    width = max(f.shape[-1] for f in feats)
+    out = np.stack(
+        [np.pad(f, ((0, 0), (0, width - f.shape[-1])), constant_values=f.min()) for f in feats]
+    )
+    return torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32))

@@ -45,7 +45,8 @@ def write_flac(path: Path, wave: np.ndarray, sample_rate: int) -> None:
 
 
 def is_up_to_date(out: Path, recipe: dict[str, Any], files: Callable[[], Iterable[Path]]) -> bool:
-    """True when ``out/dataset.json`` was written for the same recipe and every file exists."""
+    """True when ``out/dataset.json`` was written for the same recipe and every file exists.
+    The recipe is compared in its JSON form (tuples and lists compare equal)."""
     meta_path = out / "dataset.json"
     if not meta_path.is_file() or not (out / "manifest.csv").is_file():
         return False
@@ -53,7 +54,34 @@ def is_up_to_date(out: Path, recipe: dict[str, Any], files: Callable[[], Iterabl
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
         return False
-    return meta.get("recipe") == recipe and all(p.is_file() for p in files())
+    same = meta.get("recipe") == json.loads(json.dumps(recipe))
+    return same and all(p.is_file() for p in files())
+
+
+def start_build(out: Path, recipe: dict[str, Any], generated: Iterable[str]) -> None:
+    """Record the recipe being built in ``out/.build.json``. If a different recipe was built or
+    started there, its generated folders are removed first, so files made with other settings
+    (another seed's voices) are never mistaken for finished work; an interrupted build of the
+    same recipe keeps its files and resumes."""
+    import shutil
+
+    out.mkdir(parents=True, exist_ok=True)
+    marker = out / ".build.json"
+    wanted = json.loads(json.dumps(recipe))
+    previous = None
+    if marker.is_file():
+        try:
+            previous = json.loads(marker.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            previous = {}
+    elif (out / "dataset.json").is_file():
+        previous = {}  # built by an older modalforge: its recipe is unknown
+    if previous is not None and previous != wanted:
+        for name in generated:
+            shutil.rmtree(out / name, ignore_errors=True)
+    for name in generated:
+        (out / name).mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps(wanted, indent=2), encoding="utf-8")
 
 
 def write_meta(out: Path, meta: dict[str, Any]) -> None:
@@ -72,9 +100,14 @@ def parallel_map(fn: Callable[[T], Any], items: list[T], description: str, worke
     with Progress(transient=True) as progress, ThreadPoolExecutor(max_workers=workers) as pool:
         task = progress.add_task(description, total=len(items))
         futures = {pool.submit(fn, item): i for i, item in enumerate(items)}
-        for future in futures:
-            results[futures[future]] = future.result()
-            progress.advance(task)
+        try:
+            for future in futures:
+                results[futures[future]] = future.result()
+                progress.advance(task)
+        except BaseException:
+            for future in futures:  # fail fast: do not run the rest of the queue
+                future.cancel()
+            raise
     return results
 
 

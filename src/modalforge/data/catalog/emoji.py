@@ -32,6 +32,7 @@ from modalforge.data.catalog._common import (
     cache_dir,
     is_up_to_date,
     parallel_map,
+    start_build,
     write_flac,
     write_meta,
 )
@@ -118,8 +119,7 @@ def build_emoji(
             if tarball is not None
             else fetch_tarball(PACKAGE, VERSION, INTEGRITY, cache_dir() / "npm")
         )
-        (out / "images").mkdir(parents=True, exist_ok=True)
-        (out / "audio").mkdir(parents=True, exist_ok=True)
+        start_build(out, recipe, ["images", "audio"])
         entries, images = _read_package(tgz)
         rows = emoji_rows(entries, include_flags, variants)
         missing = sorted({r["image_file"] for r in rows} - set(images))

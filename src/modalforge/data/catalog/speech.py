@@ -48,13 +48,16 @@ def speak(text: str, voice: str = "en-us", speed: int = 160, pitch: int = 50,
           sample_rate: int = SAMPLE_RATE) -> np.ndarray:  # fmt: skip
     """Synthesize ``text`` -> mono float32 wave at ``sample_rate``. The text goes in on stdin, so
     it can never be read as an option."""
-    proc = subprocess.run(
-        [espeak_binary(), "-v", voice, "-s", str(speed), "-p", str(pitch), "--stdout"],
-        input=text.encode("utf-8"),
-        capture_output=True,
-        timeout=60,
-        check=False,
-    )
+    try:
+        proc = subprocess.run(
+            [espeak_binary(), "-v", voice, "-s", str(speed), "-p", str(pitch), "--stdout"],
+            input=text.encode("utf-8"),
+            capture_output=True,
+            timeout=60,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"espeak-ng took over 60 s for {text!r} with voice {voice}") from None
     if proc.returncode != 0 or len(proc.stdout) <= 44:
         raise RuntimeError(
             f"espeak-ng failed for {text!r} with voice {voice}: "
