@@ -36,6 +36,17 @@ def test_bad_graphs(data, message):
         load_graph(b"{not json")
 
 
+def test_collate_graphs_offsets_edges():
+    from modalforge.data.graph import collate_graphs
+
+    a = parse_graph({"x": [[1.0], [2.0]], "edges": [[0, 1]], "directed": True})
+    b = parse_graph({"x": [[3.0], [4.0], [5.0]], "edges": [[2, 0]], "directed": True})
+    batch = collate_graphs([a, b])
+    assert batch["x"].shape == (5, 1) and int(batch["num_graphs"]) == 2
+    assert batch["edge_index"].tolist() == [[0, 4], [1, 2]]
+    assert batch["batch"].tolist() == [0, 0, 1, 1, 1]
+
+
 def test_to_pyg_needs_the_extra_or_works():
     g = parse_graph({"x": [[1.0], [2.0]], "edges": [[0, 1]]})
     try:

@@ -106,3 +106,22 @@ def to_pyg(graph: Graph):
             "graph models need torch_geometric: pip install 'modalforge[graph]'"
         ) from None
     return Data(x=graph.x, edge_index=graph.edge_index, edge_attr=graph.edge_attr)
+
+
+def collate_graphs(graphs: list[Graph]) -> dict[str, torch.Tensor]:
+    """Stack graphs into one mini-batch: ``x (sum N, F)``, ``edge_index (2, sum E)`` with node
+    indices offset per graph, ``batch (sum N,)`` = each node's graph, ``num_graphs``."""
+    if not graphs:
+        raise ValueError("collate_graphs needs at least one graph")
+    widths = {g.x.shape[1] for g in graphs}
+    if len(widths) != 1:
+        raise ValueError(f"graphs have different node feature widths: {sorted(widths)}")
+    offsets = torch.cumsum(torch.tensor([0] + [g.num_nodes for g in graphs[:-1]]), 0)
+    return {
+        "x": torch.cat([g.x for g in graphs]),
+        "edge_index": torch.cat(
+            [g.edge_index + o for g, o in zip(graphs, offsets, strict=True)], 1
+        ),
+        "batch": torch.cat([torch.full((g.num_nodes,), i) for i, g in enumerate(graphs)]),
+        "num_graphs": torch.tensor(len(graphs)),
+    }
