@@ -78,3 +78,16 @@ def test_unknown_dataset_and_bad_manifest_are_clear_errors(tmp_path):
     assert out.exit_code == 1 and "unknown dataset" in out.output
     out = runner.invoke(app, ["data", "inspect", str(tmp_path / "missing.csv")])
     assert out.exit_code == 1 and "not found" in out.output
+
+
+def test_models_list_names_every_encoder_and_fusion():
+    from modalforge.encoders import list_encoders
+    from modalforge.fusion import list_fusions
+
+    out = runner.invoke(app, ["models", "list", "--no-count"], terminal_width=200)
+    assert out.exit_code == 0, out.output
+    for info in [*list_encoders(), *list_fusions()]:
+        assert info.name in out.output
+    assert "[z; 1]" in out.output  # descriptions are printed literally, not as rich markup
+    out = runner.invoke(app, ["models", "--help"])
+    assert out.exit_code == 0 and "list" in out.output

@@ -29,6 +29,8 @@ NORMALIZATIONS: dict[str, tuple[tuple[float, float, float], tuple[float, float, 
     "imagenet": ((123.675, 116.28, 103.53), (58.395, 57.12, 57.375)),
     # CLIP statistics
     "clip": ((122.7709, 116.7460, 104.0937), (68.5005, 66.6322, 70.3232)),
+    # (x - 0.5) / 0.5, what many ViT checkpoints use (timm's "inception" statistics)
+    "inception": ((127.5, 127.5, 127.5), (127.5, 127.5, 127.5)),
     # plain [0, 1]
     "unit": ((0.0, 0.0, 0.0), (255.0, 255.0, 255.0)),
 }
