@@ -1,0 +1,145 @@
+"""On-disk cache of a frozen encoder's pooled features.
+
+One SQLite file per *namespace* = (encoder id, weights fingerprint, preprocessing); inside it one
+row per *item key* = sha256 of the input's content (a file's bytes, a text's UTF-8). So a second
+run, a fusion sweep or a cross-validation fold never re-encodes unchanged data, and a change of
+encoder, weights, preprocessing or file content misses the cache by construction.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from modalforge.data.manifest import is_missing, resolve_path
+from modalforge.encoders.base import Encoder
+from modalforge.schema import Modality
+
+
+@dataclass
+class CacheStats:
+    hits: int = 0
+    misses: int = 0
+    encode_seconds: float = 0.0  # time spent running the encoder on misses
+    lookup_seconds: float = 0.0  # time spent hashing inputs and reading the cache
+
+
+def namespace(encoder: Encoder, preprocessing: dict[str, Any] | None = None) -> str:
+    from modalforge.encoders.onnx_runtime import weights_fingerprint
+
+    payload = json.dumps(
+        {"encoder": encoder.encoder_id, "weights": weights_fingerprint(encoder),
+         "preprocessing": preprocessing if preprocessing is not None else encoder.preprocessing},
+        sort_keys=True, default=str,
+    )  # fmt: skip
+    return f"{encoder.encoder_id}-{hashlib.sha256(payload.encode()).hexdigest()[:16]}"
+
+
+def content_key(modality: Modality, value: Any, root: Path | None) -> str:
+    """sha256 of what the encoder will see: file bytes for file modalities, text otherwise."""
+    if modality.is_file and not isinstance(value, bytes | bytearray):
+        data = (
+            resolve_path(root, value).read_bytes() if root is not None else Path(value).read_bytes()
+        )
+    elif isinstance(value, bytes | bytearray):
+        data = bytes(value)
+    else:
+        data = str(value).encode("utf-8")
+    return hashlib.sha256(modality.value.encode() + b"\x00" + data).hexdigest()
+
+
+class FeatureCache:
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.stats: dict[str, CacheStats] = {}
+
+    def _db(self, ns: str) -> sqlite3.Connection:
+        db = sqlite3.connect(self.root / f"{ns}.sqlite", timeout=60)
+        db.execute(
+            "CREATE TABLE IF NOT EXISTS features (key TEXT PRIMARY KEY, dim INTEGER, vec BLOB)"
+        )
+        return db
+
+    def features(
+        self,
+        encoder: Encoder,
+        modality: Modality,
+        values: Sequence[Any],
+        root: Path | None,
+        encode_batch: Callable[[list[Any]], torch.Tensor],
+        batch_size: int = 32,
+        progress: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pooled features ``(N, D)`` float32 for ``values`` and a presence mask ``(N,)``.
+
+        Missing values get zero rows and mask False. ``encode_batch(values) -> (b, D)`` runs the
+        encoder on raw values that missed the cache.
+        """
+        ns = namespace(encoder)
+        stats = self.stats.setdefault(ns, CacheStats())
+        t0 = time.perf_counter()
+        present = torch.tensor([not is_missing(v) for v in values], dtype=torch.bool)
+        keys = [
+            content_key(modality, v, root) if p else None
+            for v, p in zip(values, present, strict=True)
+        ]
+        found: dict[str, np.ndarray] = {}
+        wanted = sorted({k for k in keys if k is not None})
+        with self._db(ns) as db:
+            for start in range(0, len(wanted), 500):
+                chunk = wanted[start : start + 500]
+                marks = ",".join("?" * len(chunk))
+                for key, dim, blob in db.execute(
+                    f"SELECT key, dim, vec FROM features WHERE key IN ({marks})", chunk
+                ):
+                    found[key] = np.frombuffer(blob, dtype=np.float32, count=dim)
+        stats.lookup_seconds += time.perf_counter() - t0
+        todo = [
+            (k, v)
+            for k, v in dict(zip(keys, values, strict=True)).items()
+            if k is not None and k not in found
+        ]
+        stats.hits += len(wanted) - len(todo)
+        stats.misses += len(todo)
+        if todo:
+            t0 = time.perf_counter()
+            new = self._encode(todo, encode_batch, batch_size, progress, encoder.name)
+            stats.encode_seconds += time.perf_counter() - t0
+            with self._db(ns) as db:
+                db.executemany(
+                    "INSERT OR REPLACE INTO features VALUES (?, ?, ?)",
+                    [(k, len(vec), vec.astype(np.float32).tobytes()) for k, vec in new.items()],
+                )
+            found.update(new)
+        dim = encoder.output_dim
+        out = np.zeros((len(values), dim), dtype=np.float32)
+        for i, key in enumerate(keys):
+            if key is not None:
+                out[i] = found[key]
+        return torch.from_numpy(out), present
+
+    @staticmethod
+    def _encode(todo, encode_batch, batch_size, progress, name) -> dict[str, np.ndarray]:
+        from rich.progress import Progress
+
+        new: dict[str, np.ndarray] = {}
+        with Progress(transient=True, disable=not progress) as bar:
+            task = bar.add_task(f"encoding with {name} (cache misses)", total=len(todo))
+            for start in range(0, len(todo), batch_size):
+                chunk = todo[start : start + batch_size]
+                with torch.no_grad():
+                    feats = encode_batch([v for _, v in chunk]).detach().float().cpu().numpy()
+                for (key, _), vec in zip(chunk, feats, strict=True):
+                    new[key] = vec
+                bar.advance(task, len(chunk))
+        return new
