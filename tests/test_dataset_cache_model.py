@@ -89,7 +89,7 @@ def test_feature_cache_hits_and_invalidates(tmp_path, mixed_manifest):
 def test_model_from_config_with_cached_features_and_masks():
     config = ModelConfig(
         task="classification",
-        inputs={"image": EncoderSpec("cnn", {"widths": (8, 16), "image_size": 30}),
+        inputs={"image": EncoderSpec("cnn", {"widths": (8, 16), "image_size": 30}, train="frozen"),
                 "text": EncoderSpec("bag_of_embeddings", {"vocab_size": 20, "embed_dim": 8}, train="full")},
         num_outputs=3, fusion="attention", hidden=16,
     )  # fmt: skip

@@ -36,8 +36,14 @@ class CacheStats:
 def namespace(encoder: Encoder, preprocessing: dict[str, Any] | None = None) -> str:
     from modalforge.encoders.onnx_runtime import weights_fingerprint
 
+    # hashing ~100 MB of weights takes a while: a frozen encoder's fingerprint is kept
+    fingerprint = getattr(encoder, "_fingerprint", None) if encoder.frozen else None
+    if fingerprint is None:
+        fingerprint = weights_fingerprint(encoder)
+        if encoder.frozen:
+            encoder._fingerprint = fingerprint  # type: ignore[attr-defined]
     payload = json.dumps(
-        {"encoder": encoder.encoder_id, "weights": weights_fingerprint(encoder),
+        {"encoder": encoder.encoder_id, "weights": fingerprint,
          "preprocessing": preprocessing if preprocessing is not None else encoder.preprocessing},
         sort_keys=True, default=str,
     )  # fmt: skip

@@ -25,8 +25,9 @@ class EncoderSpec:
 
     name: str
     kwargs: dict[str, Any] = field(default_factory=dict)
-    #: "frozen" (features may come from the cache), "top:N" (last N blocks train) or "full"
-    train: str = "frozen"
+    #: "frozen" (features may come from the cache), "top:N" (last N blocks train), "full", or
+    #: None: frozen for pretrained encoders, full for from-scratch ones
+    train: str | None = None
 
 
 @dataclass
@@ -109,7 +110,7 @@ def build_model(config: ModelConfig, encoders: dict[str, Encoder] | None = None)
     for column, spec in config.inputs.items():
         if column not in built:
             built[column] = create_encoder(spec.name, **spec.kwargs)
-        apply_training_mode(built[column], spec.train)
+        apply_training_mode(built[column], spec.train or default_training_mode(spec.name))
     fusion = create_fusion(
         config.fusion,
         {c: e.output_dim for c, e in built.items()},
@@ -129,6 +130,14 @@ def _produces_outputs(fusion: str) -> bool:
     from modalforge.fusion import list_fusions
 
     return next(i.produces_outputs for i in list_fusions() if i.name == fusion)
+
+
+def default_training_mode(encoder_name: str) -> str:
+    """Pretrained encoders stay frozen (their features are cached); from-scratch ones train."""
+    from modalforge.encoders import list_encoders
+
+    pretrained = next((i.pretrained for i in list_encoders() if i.name == encoder_name), True)
+    return "frozen" if pretrained else "full"
 
 
 def apply_training_mode(encoder: Encoder, mode: str) -> None:

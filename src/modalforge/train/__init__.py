@@ -1,0 +1,1 @@
+"""Training: the LightningModule, cross-validation and ensembles."""

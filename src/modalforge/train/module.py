@@ -1,0 +1,112 @@
+"""The LightningModule around a ``MultimodalModel``: losses, optimizer, schedule, logging."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+
+from modalforge.fusion import modality_dropout
+from modalforge.models import MultimodalModel
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    encoder_lr: float = 1e-5  # for encoders that train (fine-tuning): much smaller steps
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.05  # share of all steps with a linear warm-up, then cosine decay
+    loss: str = "ce"  # classification: ce | focal; regression: mse | huber
+    label_smoothing: float = 0.0
+    focal_gamma: float = 2.0
+    modality_dropout: float = 0.0
+
+
+def focal_loss(logits: torch.Tensor, y: torch.Tensor, gamma: float, weight=None) -> torch.Tensor:
+    """Lin et al. 2017: cross-entropy scaled by (1 - p_true)^gamma. (B, C), (B,) -> scalar."""
+    logp = F.log_softmax(logits, dim=-1)
+    ce = F.nll_loss(logp, y, weight=weight, reduction="none")
+    p_true = logp.gather(1, y[:, None]).squeeze(1).exp()
+    return ((1 - p_true) ** gamma * ce).mean()
+
+
+class MultimodalModule(L.LightningModule):
+    """Batches: ``{"inputs", "mask", "features", "y"}`` (see ``train.data``)."""
+
+    def __init__(
+        self,
+        model: MultimodalModel,
+        task: str,
+        optim: OptimConfig,
+        class_weights: torch.Tensor | None = None,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.task = task
+        self.optim = optim
+        self.register_buffer("class_weights", class_weights, persistent=False)
+
+    def forward(self, batch: dict[str, Any]):
+        return self.model(batch.get("inputs"), batch.get("mask"), features=batch.get("features"))
+
+    def loss(self, outputs: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        o = self.optim
+        if self.task == "classification":
+            if o.loss == "focal":
+                return focal_loss(outputs, y, o.focal_gamma, self.class_weights)
+            return F.cross_entropy(
+                outputs, y, weight=self.class_weights, label_smoothing=o.label_smoothing
+            )
+        pred = outputs.squeeze(-1) if outputs.shape[-1] == 1 else outputs
+        return F.huber_loss(pred, y) if o.loss == "huber" else F.mse_loss(pred, y)
+
+    def _step(self, batch: dict[str, Any], stage: str) -> torch.Tensor:
+        if stage == "train" and self.optim.modality_dropout > 0:
+            batch = {**batch, "mask": modality_dropout(batch["mask"], self.optim.modality_dropout)}
+        out = self(batch).outputs
+        y = batch["y"]
+        loss = self.loss(out, y)
+        size = y.shape[0]
+        self.log(
+            f"{stage}_loss", loss, prog_bar=True, batch_size=size, on_epoch=True, on_step=False
+        )
+        if self.task == "classification":
+            acc = (out.argmax(-1) == y).float().mean()
+            self.log(
+                f"{stage}_acc", acc, prog_bar=True, batch_size=size, on_epoch=True, on_step=False
+            )
+        return loss
+
+    def training_step(self, batch, batch_idx):
+        return self._step(batch, "train")
+
+    def validation_step(self, batch, batch_idx):
+        return self._step(batch, "val")
+
+    def configure_optimizers(self):
+        o = self.optim
+        encoder_params = [p for p in self.model.encoders.parameters() if p.requires_grad]
+        encoder_ids = {id(p) for p in encoder_params}
+        rest = [p for p in self.model.parameters() if p.requires_grad and id(p) not in encoder_ids]
+        groups = [{"params": rest, "lr": o.lr}]
+        if encoder_params:
+            groups.append({"params": encoder_params, "lr": o.encoder_lr})
+        optimizer = torch.optim.AdamW(groups, weight_decay=o.weight_decay)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = int(o.warmup_ratio * total)
+
+        def schedule(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / (warmup + 1)
+            progress = (step - warmup) / max(1, total - warmup)
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }

@@ -1,0 +1,132 @@
+"""One training run from plain options: fit -> evaluate on the test split -> report -> bundle.
+
+``RunOptions`` is what ``modalforge train`` takes from flags or a YAML file; it is saved resolved
+as ``run.yaml`` in the run folder (like timm's ``args.yaml``). ``sweep`` and ``cv`` call this too.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from modalforge.data.dataset import Augment
+from modalforge.models import EncoderSpec
+from modalforge.predictor import FitConfig, MultimodalPredictor
+from modalforge.train.module import OptimConfig
+
+# what --augment turns on: mild, label-preserving changes
+DEFAULT_AUGMENT = Augment(image_crop=0.15, image_jitter=0.2, audio_noise=0.05, audio_gain_db=6,
+                          audio_shift=0.1, text_token_dropout=0.1)  # fmt: skip
+
+
+@dataclass
+class RunOptions:
+    manifest: str
+    label: str
+    out: str = "runs/run"
+    task: str | None = None
+    fusion: str = "concat"
+    fusion_kwargs: dict[str, Any] = field(default_factory=dict)
+    # column or modality -> encoder name, e.g. {"image": "efficientnet_lite0"}
+    encoders: dict[str, str] = field(default_factory=dict)
+    # column or modality -> constructor arguments, e.g. {"image": {"image_size": 128}}
+    encoder_kwargs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    finetune: str | None = None  # frozen | top:N | full; None: pretrained frozen, others full
+    columns: list[str] | None = None
+    hidden: int = 256
+    epochs: int = 30
+    batch_size: int = 64
+    lr: float = 1e-3
+    encoder_lr: float = 1e-5
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.05
+    patience: int = 5
+    loss: str | None = None  # ce | focal (classification), mse | huber (regression)
+    label_smoothing: float = 0.0
+    class_weights: str = "none"
+    modality_dropout: float = 0.0
+    augment: bool = False
+    seed: int = 0
+    accelerator: str = "auto"
+    devices: str = "auto"
+    strategy: str = "auto"
+    num_nodes: int = 1
+    precision: str | None = None
+    cache_dir: str | None = None
+    on_bad_row: str = "skip"
+    resume: bool = False
+    save_bundle: bool = True
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, **overrides: Any) -> RunOptions:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"{path}: unknown keys {unknown} (known: {sorted(known)})")
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**data)
+
+    def predictor(self) -> MultimodalPredictor:
+        names = dict(self.encoders)
+        specs: dict[str, EncoderSpec] = {}
+        from modalforge.predictor import DEFAULT_ENCODERS
+        from modalforge.schema import Modality
+
+        for key in sorted(set(names) | set(self.encoder_kwargs)):
+            default = (
+                DEFAULT_ENCODERS.get(Modality(key)) if key in {m.value for m in Modality} else None
+            )
+            name = names.get(key) or (default.name if default else None)
+            if name is None:
+                raise ValueError(f"encoder_kwargs for {key!r} but no encoder named for it")
+            kwargs = dict(default.kwargs) if default and default.name == name else {}
+            kwargs.update(self.encoder_kwargs.get(key, {}))
+            specs[key] = EncoderSpec(name, kwargs, self.finetune)
+        if self.finetune is not None:  # also applies to the default encoders
+            for modality, spec in DEFAULT_ENCODERS.items():
+                specs.setdefault(
+                    modality.value, EncoderSpec(spec.name, dict(spec.kwargs), self.finetune)
+                )
+        loss = self.loss or ("ce" if self.task != "regression" else "mse")
+        optim = OptimConfig(lr=self.lr, encoder_lr=self.encoder_lr, weight_decay=self.weight_decay,
+                            warmup_ratio=self.warmup_ratio, loss=loss,
+                            label_smoothing=self.label_smoothing,
+                            modality_dropout=self.modality_dropout)  # fmt: skip
+        fit = FitConfig(epochs=self.epochs, batch_size=self.batch_size, patience=self.patience,
+                        class_weights=self.class_weights, seed=self.seed,
+                        accelerator=self.accelerator, devices=self.devices, strategy=self.strategy,
+                        num_nodes=self.num_nodes, precision=self.precision, optim=optim,
+                        augment=DEFAULT_AUGMENT if self.augment else Augment())  # fmt: skip
+        return MultimodalPredictor(label=self.label, task=self.task, fusion=self.fusion,
+                                   fusion_kwargs=self.fusion_kwargs, encoders=specs,
+                                   columns=self.columns, hidden=self.hidden, fit_config=fit,
+                                   cache_dir=self.cache_dir,
+                                   on_bad_row=self.on_bad_row)  # fmt: skip
+
+
+def train_run(options: RunOptions, progress: bool = True) -> dict[str, Any]:
+    """Fit, evaluate on the held-out test split, write the report and the bundle.
+
+    Returns a summary: the run folder, metrics, timings and parameter counts.
+    """
+    out = Path(options.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "run.yaml").write_text(yaml.safe_dump(asdict(options), sort_keys=False))
+    predictor = options.predictor().fit(options.manifest, out_dir=out, resume=options.resume,
+                                        progress=progress)  # fmt: skip
+    test = predictor.test_manifest
+    summary: dict[str, Any] = {"run": str(out), "history": predictor.history}
+    if test is not None and len(test):
+        result = predictor.evaluate(test, out_dir=out / "report")
+        summary.update(result)
+    if options.save_bundle:
+        bundle = predictor.save(out / "bundle", metrics=summary.get("headline"), overwrite=True)
+        summary["bundle"] = str(bundle.path)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    summary["predictor"] = predictor
+    return summary
