@@ -331,7 +331,14 @@ class MultimodalPredictor:
                 filename="best",
                 monitor=monitor,
                 mode=mode,
-                save_last=True,
+            ),
+            # Lightning's save_last only copies a checkpoint when the monitored one is saved; a
+            # resume needs the true last epoch, so a second, unmonitored checkpoint keeps it
+            L.pytorch.callbacks.ModelCheckpoint(
+                dirpath=run / "checkpoints",
+                filename="last",
+                save_top_k=1,
+                enable_version_counter=False,
             ),
             L.pytorch.callbacks.EarlyStopping(monitor=monitor, mode=mode, patience=cfg.patience),
         ]
@@ -349,12 +356,16 @@ class MultimodalPredictor:
             default_root_dir=run,
         )  # fmt: skip
         ckpt = run / "checkpoints" / "last.ckpt"
+        resumed_from = None
+        if resume and ckpt.is_file():
+            # our own checkpoint, written by this run's Lightning trainer
+            resumed_from = int(torch.load(ckpt, map_location="cpu", weights_only=False)["epoch"])
         t0 = time.perf_counter()
         trainer.fit(
             module,
             self._loader(train_m, cached_train, self._targets(train_m), train=True, shuffle=True),
             self._loader(val_m, cached_val, self._targets(val_m)),
-            ckpt_path=str(ckpt) if resume and ckpt.is_file() else None,
+            ckpt_path=str(ckpt) if resumed_from is not None else None,
         )
         train_seconds = time.perf_counter() - t0
         best = callbacks[0].best_model_path
@@ -366,6 +377,7 @@ class MultimodalPredictor:
         self.model = module.model.cpu().eval()
         self.history = {
             "epochs_run": int(trainer.current_epoch),
+            "resumed_from_epoch": resumed_from,
             "best_checkpoint": best,
             "best_score": None
             if callbacks[0].best_model_score is None
