@@ -16,7 +16,7 @@ QUIET_PIP := 2>&1 | { grep -v "is ignored: it is neither a file nor a directory"
 .PHONY: all install system-deps lint format test test-fast demo lock clean help
 
 help:
-	@echo "make demo    create .venv, install, build the emoji dataset, inspect it"
+	@echo "make demo    create .venv, install, build emoji, train, evaluate, bundle, predict (QUICK=1: smoke test)"
 	@echo "make test    create .venv if needed, install, lint, run the test suite"
 	@echo "make lint    ruff check + ruff format --check"
 	@echo "make format  apply ruff's fixes and formatting"
@@ -66,11 +66,23 @@ format: $(STAMP)
 test: install lint
 	$(BIN)/python -m pytest -q
 
+# QUICK=1: image + text only, 64-px images, 5 epochs (the smoke test)
+QUICK ?=
+DEMO_CONFIG := configs/demo-emoji$(if $(QUICK),-quick,).yaml
+DEMO_RUN := runs/demo$(if $(QUICK),-quick,)
+
 demo: install
 	$(BIN)/modalforge data build emoji --out $(DATA)/emoji
 	$(BIN)/modalforge data inspect $(DATA)/emoji/manifest.csv --out $(DATA)/emoji/inspect
+	$(BIN)/modalforge train --config $(DEMO_CONFIG)
+	$(BIN)/modalforge predict $(DEMO_RUN)/bundle --image $(DATA)/emoji/images/1f600.png \
+	  --text "grinning face" $(if $(QUICK),,--audio $(DATA)/emoji/audio/1f600.flac)
 	@echo
-	@echo "demo done: manifest $(DATA)/emoji/manifest.csv, contact sheet $(DATA)/emoji/inspect/contact_sheet.png"
+	@echo "demo done:"
+	@echo "  data      $(DATA)/emoji/manifest.csv (contact sheet: $(DATA)/emoji/inspect/contact_sheet.png)"
+	@echo "  report    $(DEMO_RUN)/report/report.html"
+	@echo "  bundle    $(DEMO_RUN)/bundle"
+	@echo "  logs      $(DEMO_RUN)/logs/metrics.csv, $(DEMO_RUN)/tensorboard"
 
 lock:
 	rm -rf /tmp/modalforge-lock && $(PY) -m venv /tmp/modalforge-lock

@@ -520,8 +520,28 @@ def predict(
     if out is not None:
         table.to_csv(out, index=False)
         console.print(f"{len(table)} predictions -> {out}")
+    elif len(table) == 1 and "label" in table:
+        _print_one(table.iloc[0])
     else:
         console.print(table.head(20).to_string(index=False), highlight=False)
+
+
+def _print_one(row) -> None:
+    """One prediction: the label, the top classes as bars, each input's contribution."""
+    from rich.markup import escape
+
+    console.print(f"[bold]{escape(str(row['label']))}[/] ({row['confidence']:.1%})")
+    probs = sorted(((k[2:], float(v)) for k, v in row.items() if k.startswith("p:")),
+                   key=lambda kv: -kv[1])[:5]  # fmt: skip
+    for name, p in probs:
+        console.print(f"  {escape(name)[:28]:<28} {'█' * round(p * 30):<30} {p:6.1%}")
+    parts = [
+        (k.split(":", 1)[1], float(v)) for k, v in row.items() if k.startswith("contribution:")
+    ]
+    if parts:
+        console.print("contribution to the predicted class (p with - p without the input):")
+        for name, v in parts:
+            console.print(f"  {escape(name):<12} {v:+.3f}")
 
 
 # the output sizes of the packaged encoders: what fusion parameter counts are quoted at
@@ -578,6 +598,12 @@ def models_list(
 
 
 def main() -> None:
+    try:  # transformers' per-load progress bars are noise on a command line
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
     app()
 
 
