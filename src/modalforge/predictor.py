@@ -343,11 +343,12 @@ class MultimodalPredictor:
             L.pytorch.callbacks.EarlyStopping(monitor=monitor, mode=mode, patience=cfg.patience),
         ]
         if progress:
-            callbacks.append(L.pytorch.callbacks.RichProgressBar(leave=True))
+            callbacks.append(L.pytorch.callbacks.RichProgressBar())
         loggers = [L.pytorch.loggers.CSVLogger(run, name="logs", version="")]
         with contextlib.suppress(ModuleNotFoundError):  # no tensorboard(X): CSV logs only
             loggers.append(L.pytorch.loggers.TensorBoardLogger(run, name="tensorboard", version=""))
         precision = cfg.precision or ("16-mixed" if torch.cuda.is_available() else "32-true")
+        _quiet_lightning()
         trainer = L.Trainer(
             max_epochs=cfg.epochs, accelerator=cfg.accelerator, devices=cfg.devices,
             strategy=cfg.strategy, num_nodes=cfg.num_nodes, precision=precision,
@@ -603,6 +604,18 @@ class MultimodalPredictor:
         predictor.model = model.eval()
         predictor.bundle = bundle
         return predictor
+
+
+def _quiet_lightning() -> None:
+    """Lightning's start-up chatter (accelerator lines, tips) and two warnings that do not apply:
+    frozen encoders are meant to be in eval mode; the LeafSpec one is torch-internal."""
+    import logging
+    import warnings
+
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+    warnings.filterwarnings("ignore", message=r".*LeafSpec.*")
 
 
 def _guess_task(values: pd.Series) -> str:
