@@ -137,3 +137,19 @@ def test_class_weights_focal_and_regression(toy, tmp_path):
     assert reg.task == "regression"
     result = reg.evaluate(path)
     assert set(result["headline"]) >= {"rmse", "r2"}
+
+
+def test_word_vocabulary_is_part_of_the_cache_key(toy, tmp_path):
+    frozen = {"text": EncoderSpec("bag_of_embeddings", {"embed_dim": 8}, train="frozen")}
+    frame = pd.read_csv(toy)
+    ids = []
+    for half in (frame.iloc[:30], frame.iloc[30:]):  # different texts -> different vocabularies
+        path = toy.parent / f"half{len(ids)}.csv"
+        half.to_csv(path, index=False)
+        p = MultimodalPredictor(label="label", encoders=frozen, columns=["text"], hidden=8,
+                                fit_config=FitConfig(epochs=1, batch_size=16), cache_dir=tmp_path / "cache")  # fmt: skip
+        p.fit(path, out_dir=tmp_path / f"run{len(ids)}", progress=False)
+        # the second half's texts are all new, and no feature of the first vocabulary is reused
+        assert sum(s["hits"] for s in p.history["cache"].values()) == 0
+        ids.append(p.model.encoder("text").encoder_id)
+    assert ids[0] != ids[1]

@@ -544,6 +544,371 @@ def _print_one(row) -> None:
             console.print(f"  {escape(name):<12} {v:+.3f}")
 
 
+# ---------------------------------------------------------------- sweep, cv, ensemble
+# the flags of `train` that make sense for many runs at once (no --resume, no ddp)
+ManyManifestOpt = Annotated[
+    Path | None, typer.Option("--manifest", help="Training manifest (CSV, JSONL, Parquet).")
+]
+ManyLabelOpt = Annotated[str | None, typer.Option("--label", help="The label column.")]
+ManyConfigOpt = Annotated[
+    Path | None,
+    typer.Option("--config", help="YAML file with any `train` option (as run.yaml); flags win."),
+]
+ManyImageEncoderOpt = Annotated[
+    str | None, typer.Option("--image-encoder", help="Encoder for image columns.")
+]
+ManyTextEncoderOpt = Annotated[
+    str | None, typer.Option("--text-encoder", help="Encoder for text columns.")
+]
+ManyAudioEncoderOpt = Annotated[
+    str | None, typer.Option("--audio-encoder", help="Encoder for audio columns.")
+]
+ManyEncoderOpt = Annotated[
+    list[str] | None,
+    typer.Option("--encoder", help="COLUMN=ENCODER for one column. Repeatable."),
+]
+ManyImageSizeOpt = Annotated[
+    int | None, typer.Option("--image-size", help="Image side for efficientnet_lite0 / cnn.")
+]
+ManyFinetuneOpt = Annotated[
+    str | None, typer.Option("--finetune", help="Pretrained encoders: frozen, top:N or full.")
+]
+ManyColumnsOpt = Annotated[
+    str | None, typer.Option("--columns", help="Comma-separated input columns (default: all).")
+]
+ManyTaskOpt = Annotated[
+    str | None,
+    typer.Option("--task", help="classification or regression (default: guessed)."),
+]
+ManyEpochsOpt = Annotated[
+    int | None,
+    typer.Option("--epochs", help="Maximum epochs per run (early stopping may end sooner)."),
+]
+ManyBatchSizeOpt = Annotated[int | None, typer.Option("--batch-size", help="Batch size.")]
+ManyLrOpt = Annotated[float | None, typer.Option("--lr", help="Learning rate of fusion + head.")]
+ManyPatienceOpt = Annotated[
+    int | None, typer.Option("--patience", help="Early-stopping patience in epochs.")
+]
+ManyLossOpt = Annotated[str | None, typer.Option("--loss", help="ce | focal | mse | huber.")]
+ManyClassWeightsOpt = Annotated[
+    str | None, typer.Option("--class-weights", help="none | balanced.")
+]
+ManyAugmentOpt = Annotated[
+    bool | None,
+    typer.Option("--augment/--no-augment", help="Per-modality augmentation for trained encoders."),
+]
+ManySeedOpt = Annotated[
+    int | None,
+    typer.Option("--seed", help="Seed of the split (or folds), initialization and order."),
+]
+ManyDevicesOpt = Annotated[
+    str | None, typer.Option("--devices", help="Lightning devices (auto, 1, ...).")
+]
+ManyAcceleratorOpt = Annotated[
+    str | None, typer.Option("--accelerator", help="Lightning accelerator (auto, cpu, gpu).")
+]
+
+
+def _many_options(command: str, out: Path | None, config: Path | None, fusion: str | None,
+                  encoders: dict[str, str], image_size: int | None, **flags):  # fmt: skip
+    """RunOptions from the flags (and --config) as `train` reads them, and the output folder:
+    --out, else the config's `out`, else runs/COMMAND."""
+    from modalforge.train.run import RunOptions
+
+    flags = {**flags, "fusion": fusion}
+    if flags.get("columns"):
+        flags["columns"] = flags["columns"].split(",")
+    if flags.get("manifest") is not None:
+        flags["manifest"] = str(flags["manifest"])
+    if config:
+        options = RunOptions.from_yaml(config, **flags)
+    else:
+        if not flags.get("manifest") or not flags.get("label"):
+            fail("--manifest and --label are required (or give them in --config)")
+        options = RunOptions(**{k: v for k, v in flags.items() if v is not None})
+    if encoders:
+        options.encoders = {**options.encoders, **encoders}
+    if image_size:
+        image_keys = [k for k, v in options.encoders.items() if v in ("efficientnet_lite0", "cnn")]
+        for key in ("image", *image_keys):
+            options.encoder_kwargs.setdefault(key, {})["image_size"] = image_size
+        options.encoders.setdefault("image", "efficientnet_lite0")
+    if fusion is not None and fusion not in _fusion_names():
+        fail(f"unknown fusion {fusion!r} (choose from {', '.join(_fusion_names())})")
+    if out is None:
+        default = RunOptions.__dataclass_fields__["out"].default
+        out = Path(options.out) if options.out != default else Path("runs") / command
+    options.out = str(out)
+    return options, out
+
+
+def _encoder_flags(image: str | None, text: str | None, audio: str | None, encoder) -> dict:
+    chosen = {k: v for k, v in {"image": image, "text": text, "audio": audio}.items() if v}
+    chosen.update(_pairs(encoder, "--encoder"))
+    return chosen
+
+
+def _cell(value, digits: int = 4) -> str:
+    if value is None or (isinstance(value, float) and value != value):
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+@app.command()
+def sweep(
+    manifest: ManyManifestOpt = None,
+    label: ManyLabelOpt = None,
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", "-o", help="Sweep folder: one run folder per row + the table."),
+    ] = None,
+    config: ManyConfigOpt = None,
+    fusions: Annotated[
+        str | None,
+        typer.Option(help="Comma-separated fusions to compare (default: every fusion)."),
+    ] = None,
+    no_single: Annotated[
+        bool,
+        typer.Option("--no-single", help="Skip the runs on each input column alone."),
+    ] = False,
+    image_encoder: ManyImageEncoderOpt = None,
+    text_encoder: ManyTextEncoderOpt = None,
+    audio_encoder: ManyAudioEncoderOpt = None,
+    encoder: ManyEncoderOpt = None,
+    image_size: ManyImageSizeOpt = None,
+    finetune: ManyFinetuneOpt = None,
+    columns: ManyColumnsOpt = None,
+    task: ManyTaskOpt = None,
+    epochs: ManyEpochsOpt = None,
+    batch_size: ManyBatchSizeOpt = None,
+    lr: ManyLrOpt = None,
+    patience: ManyPatienceOpt = None,
+    loss: ManyLossOpt = None,
+    class_weights: ManyClassWeightsOpt = None,
+    augment: ManyAugmentOpt = None,
+    seed: ManySeedOpt = None,
+    devices: ManyDevicesOpt = None,
+    accelerator: ManyAcceleratorOpt = None,
+) -> None:
+    """Compare fusions, and each input column alone, on one split: OUT/sweep.csv, .md, .png.
+
+    Trains every fusion (or those of --fusions) over all input columns, and each input column
+    alone with concat (unless --no-single), on the same train/val/test split: the manifest's
+    `split` column or the seeded split of --seed. Each run gets a folder OUT/NAME with its
+    report but no bundle. The table has test accuracy, macro F1, macro AUROC, parameters (all
+    and trainable), training and encoding time, latency per sample and epochs, best first.
+    Frozen encoders read the feature cache, so their features are encoded once for the sweep.
+    """
+    from modalforge.train.sweep import sweep as run_sweep
+
+    options, folder = _many_options(
+        "sweep", out, config, None, _encoder_flags(image_encoder, text_encoder, audio_encoder,
+        encoder), image_size, manifest=manifest, label=label, finetune=finetune, task=task,
+        epochs=epochs, batch_size=batch_size, lr=lr, patience=patience, loss=loss,
+        class_weights=class_weights, augment=augment, seed=seed, devices=devices,
+        accelerator=accelerator, columns=columns,
+    )  # fmt: skip
+    chosen = [f.strip() for f in fusions.split(",") if f.strip()] if fusions else None
+    if chosen:
+        unknown = [f for f in chosen if f not in _fusion_names()]
+        if unknown:
+            fail(f"unknown fusion(s) {unknown} (choose from {', '.join(_fusion_names())})")
+    try:
+        table = run_sweep(options, chosen, single_modalities=not no_single, out=folder)
+    except (ValueError, KeyError, FileNotFoundError, RuntimeError) as err:
+        fail(str(err))
+    # compact headers: the full names are in OUT/sweep.md
+    headers = {"name": "run", "kind": "kind", "accuracy": "acc", "f1_macro": "F1",
+               "auroc_macro": "AUROC", "rmse": "RMSE", "mae": "MAE", "r2": "R2",
+               "parameters": "params", "trainable_parameters": "trainable", "train_s": "train s",
+               "encode_s": "encode s", "latency_ms": "ms/row", "epochs": "epochs"}  # fmt: skip
+    shown = [c for c in headers if c in table.columns]
+    result = Table(title=f"sweep ({table.attrs['task']}, test split)", title_justify="left")
+    for c in shown:
+        result.add_column(headers[c], justify="left" if c in ("name", "kind") else "right",
+                          no_wrap=c == "name")  # fmt: skip
+    for _, row in table.iterrows():
+        cells = [_cell(row[c], 2 if c.endswith("_s") else 3) for c in shown]
+        cells[1] = "single" if row["kind"] == "single modality" else row["kind"]
+        if isinstance(row["error"], str):
+            cells[0] = f"{row['name']} [red](failed)[/]"
+        result.add_row(*cells)
+    console.print(result)
+    cache = table.attrs["cache"]
+    if cache["hits"] + cache["misses"]:
+        who = ", ".join(cache["runs_that_encoded"])
+        console.print(
+            f"feature cache: {cache['misses']} features encoded"
+            + (f" ({cache['encode_seconds']:.1f} s, in {who})" if who else "")
+            + f", {cache['hits']} read from the cache"
+        )
+    for _, row in table[table["error"].notna()].iterrows():
+        console.print(f"[red]{row['name']} failed[/]: {row['error']}", highlight=False)
+    console.print(f"table: {table.attrs['csv']}, {table.attrs['markdown']}")
+    console.print(f"chart: {table.attrs['chart']}")
+    console.print(f"runs: {folder}/NAME (reports in NAME/report)")
+
+
+@app.command()
+def cv(
+    folds: Annotated[int, typer.Option("--folds", "-k", help="Number of folds (K >= 2).")] = 5,
+    manifest: ManyManifestOpt = None,
+    label: ManyLabelOpt = None,
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", "-o", help="CV folder: OUT/fold-k runs, cv.json, cv.md."),
+    ] = None,
+    config: ManyConfigOpt = None,
+    fusion: Annotated[
+        str | None, typer.Option(help="Fusion strategy (see `modalforge models list`).")
+    ] = None,
+    val_fraction: Annotated[
+        float, typer.Option(help="Share of each fold's training rows used for validation.")
+    ] = 0.1,
+    image_encoder: ManyImageEncoderOpt = None,
+    text_encoder: ManyTextEncoderOpt = None,
+    audio_encoder: ManyAudioEncoderOpt = None,
+    encoder: ManyEncoderOpt = None,
+    image_size: ManyImageSizeOpt = None,
+    finetune: ManyFinetuneOpt = None,
+    columns: ManyColumnsOpt = None,
+    task: ManyTaskOpt = None,
+    epochs: ManyEpochsOpt = None,
+    batch_size: ManyBatchSizeOpt = None,
+    lr: ManyLrOpt = None,
+    patience: ManyPatienceOpt = None,
+    loss: ManyLossOpt = None,
+    class_weights: ManyClassWeightsOpt = None,
+    augment: ManyAugmentOpt = None,
+    seed: ManySeedOpt = None,
+    devices: ManyDevicesOpt = None,
+    accelerator: ManyAcceleratorOpt = None,
+) -> None:
+    """K-fold cross-validation: per-fold test metrics and their mean ± std in OUT/cv.json, .md.
+
+    Rows are dealt into K folds stratified by label (rows sharing a `group` value stay in one
+    fold), deterministically from --seed; the manifest's `split` column is ignored. Fold k tests
+    on fold k, validates on --val-fraction of the other rows and trains on the rest, in
+    OUT/fold-k (report, no bundle). Accuracy, macro F1, macro AUROC and ECE (regression: RMSE,
+    MAE, R2) are reported per fold and as mean ± sample standard deviation (ddof=1).
+    """
+    from modalforge.train.crossval import METRIC_TITLES, cross_validate, mean_pm_std
+
+    options, folder = _many_options(
+        "cv", out, config, fusion, _encoder_flags(image_encoder, text_encoder, audio_encoder,
+        encoder), image_size, manifest=manifest, label=label, finetune=finetune, task=task,
+        epochs=epochs, batch_size=batch_size, lr=lr, patience=patience, loss=loss,
+        class_weights=class_weights, augment=augment, seed=seed, devices=devices,
+        accelerator=accelerator, columns=columns,
+    )  # fmt: skip
+    try:
+        result = cross_validate(options, folds, out=folder, val_fraction=val_fraction)
+    except (ValueError, KeyError, FileNotFoundError) as err:
+        fail(str(err))
+    names = list(result["mean"])
+    table = Table(title=f"{folds}-fold cross-validation (test folds)", title_justify="left")
+    for name in ("fold", "train", "val", "test", *(METRIC_TITLES.get(m, m) for m in names)):
+        table.add_column(name, justify="right")
+    for r in result["per_fold"]:
+        counts = [str(r["rows"].get(s, 0)) for s in ("train", "val", "test")]
+        table.add_row(str(r["fold"]), *counts, *(_cell(r["metrics"][m]) for m in names))
+    table.add_row(
+        "[bold]mean ± std[/]", "", "", "",
+        *(mean_pm_std(result["mean"][m], result["std"][m]) for m in names),
+    )  # fmt: skip
+    console.print(table)
+    console.print(f"± is the {result['std_kind']}")
+    console.print(f"results: {result['json']}, {result['markdown']}")
+    console.print(f"folds: {result['assignment']}; runs: {folder}/fold-k (reports in report/)")
+
+
+@app.command()
+def ensemble(
+    members: Annotated[int, typer.Option("--members", "-n", help="Number of members.")] = 5,
+    by: Annotated[
+        str,
+        typer.Option(
+            "--by",
+            help="seed: same split, seeds SEED..SEED+N-1; fold: member i validates on fold i "
+            "of the train+val rows and trains on the others.",
+        ),
+    ] = "seed",
+    manifest: ManyManifestOpt = None,
+    label: ManyLabelOpt = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out", "-o", help="Ensemble folder: member-i/bundle, report/, ensemble.json."
+        ),
+    ] = None,
+    config: ManyConfigOpt = None,
+    fusion: Annotated[
+        str | None, typer.Option(help="Fusion strategy (see `modalforge models list`).")
+    ] = None,
+    image_encoder: ManyImageEncoderOpt = None,
+    text_encoder: ManyTextEncoderOpt = None,
+    audio_encoder: ManyAudioEncoderOpt = None,
+    encoder: ManyEncoderOpt = None,
+    image_size: ManyImageSizeOpt = None,
+    finetune: ManyFinetuneOpt = None,
+    columns: ManyColumnsOpt = None,
+    task: ManyTaskOpt = None,
+    epochs: ManyEpochsOpt = None,
+    batch_size: ManyBatchSizeOpt = None,
+    lr: ManyLrOpt = None,
+    patience: ManyPatienceOpt = None,
+    loss: ManyLossOpt = None,
+    class_weights: ManyClassWeightsOpt = None,
+    augment: ManyAugmentOpt = None,
+    seed: ManySeedOpt = None,
+    devices: ManyDevicesOpt = None,
+    accelerator: ManyAcceleratorOpt = None,
+) -> None:
+    """Train N models and evaluate their averaged probabilities on the test split as one model.
+
+    All members share the test rows (the manifest's `split` column or the seeded split of
+    --seed). Each member is saved as a bundle OUT/member-i/bundle with its own report; the
+    ensemble's report is OUT/report, its test predictions OUT/predictions.csv, and
+    OUT/ensemble.json lists the bundles with the metrics of the ensemble and of each member.
+    Load it in Python with modalforge.train.ensemble.EnsemblePredictor.load(OUT).
+    """
+    from modalforge.train.ensemble import train_ensemble
+
+    if by not in ("seed", "fold"):
+        fail("--by must be seed or fold")
+    options, folder = _many_options(
+        "ensemble", out, config, fusion, _encoder_flags(image_encoder, text_encoder,
+        audio_encoder, encoder), image_size, manifest=manifest, label=label, finetune=finetune,
+        task=task, epochs=epochs, batch_size=batch_size, lr=lr, patience=patience, loss=loss,
+        class_weights=class_weights, augment=augment, seed=seed, devices=devices,
+        accelerator=accelerator, columns=columns,
+    )  # fmt: skip
+    try:
+        result = train_ensemble(options, members, out=folder, by=by)  # type: ignore[arg-type]
+    except (ValueError, KeyError, FileNotFoundError) as err:
+        fail(str(err))
+    names = [k for k, v in result["ensemble"].items() if k != "n" and isinstance(v, float)]
+    table = Table(title=f"ensemble of {members} (by {by}), test split", title_justify="left")
+    for name in ("model", "seed", *names):
+        table.add_column(name, justify="left" if name == "model" else "right")
+    for r in result["member_runs"]:
+        metrics = r["metrics"] or {}
+        table.add_row(
+            f"member {r['member']}", str(r["seed"]), *(_cell(metrics.get(m)) for m in names)
+        )
+    table.add_row(
+        "[bold]ensemble (mean)[/]", "", *(_cell(result["ensemble"].get(m)) for m in names)
+    )
+    console.print(table)
+    console.print(f"bundles: {', '.join(str(folder / b) for b in result['bundles'])}")
+    console.print(f"report: {result['report']}")
+    console.print(f"summary: {folder / 'ensemble.json'}; predictions: {result['predictions']}")
+
+
 # the output sizes of the packaged encoders: what fusion parameter counts are quoted at
 REFERENCE_FUSION_DIMS = {"audio": 384, "image": 1280, "text": 384}
 

@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from modalforge.data.dataset import Augment
+from modalforge.data.manifest import Manifest
 from modalforge.models import EncoderSpec
 from modalforge.predictor import FitConfig, MultimodalPredictor
 from modalforge.train.module import OptimConfig
@@ -109,15 +110,20 @@ class RunOptions:
                                    on_bad_row=self.on_bad_row)  # fmt: skip
 
 
-def train_run(options: RunOptions, progress: bool = True) -> dict[str, Any]:
+def train_run(
+    options: RunOptions, progress: bool = True, manifest: Manifest | None = None
+) -> dict[str, Any]:
     """Fit, evaluate on the held-out test split, write the report and the bundle.
 
-    Returns a summary: the run folder, metrics, timings and parameter counts.
+    ``manifest``: an already-read manifest to use instead of ``options.manifest`` (sweeps and
+    folds pass one whose ``split`` column fixes the split). Returns a summary: the run folder,
+    metrics, timings and parameter counts, and the fitted ``predictor``.
     """
     out = Path(options.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "run.yaml").write_text(yaml.safe_dump(asdict(options), sort_keys=False))
-    predictor = options.predictor().fit(options.manifest, out_dir=out, resume=options.resume,
+    data = manifest if manifest is not None else options.manifest
+    predictor = options.predictor().fit(data, out_dir=out, resume=options.resume,
                                         progress=progress)  # fmt: skip
     test = predictor.test_manifest
     summary: dict[str, Any] = {"run": str(out), "history": predictor.history}
