@@ -153,3 +153,29 @@ def test_noisy_clip_snr_and_length():
     assert source in {"asterisk", "espeak"}
     assert clip.dtype == np.float32 and len(clip) == 16_000
     assert (np.abs(clip) > 1e-3).sum() < 8_100  # the word only, in silence
+
+
+def test_noise_generators_unit_rms_and_seeded():
+    pink = avdigits.pink_noise(stable_rng("t", 0), 16_000)
+    assert np.sqrt(np.mean(pink**2)) == pytest.approx(1.0)
+    power = np.abs(np.fft.rfft(pink)) ** 2  # 1 Hz bins: 1/f, so low bands carry more power
+    assert power[100:200].mean() > 5 * power[4000:5000].mean()
+    t = np.arange(4000) / 16_000
+    pool = [[("espeak", np.sin(2 * np.pi * (200 + 50 * d) * t))] for d in range(10)]
+    params = {**avdigits.AUDIO, "babble_talkers": [2, 4]}
+    a = avdigits.babble_noise(pool, stable_rng("t", 1), params, 16_000)
+    b = avdigits.babble_noise(pool, stable_rng("t", 1), params, 16_000)
+    assert np.array_equal(a, b) and np.sqrt(np.mean(a**2)) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("kind", ["white", "pink", "babble", "babble+pink"])
+def test_noisy_clip_noise_kinds(kind):
+    t = np.arange(8000) / 16_000
+    pool = [[("espeak", np.sin(2 * np.pi * (200 + 50 * d) * t))] for d in range(10)]
+    params = {**avdigits.AUDIO, "noise": kind, "snr_db": [0.0, 0.0], "speed": [1.0, 1.0]}
+    _, clip = avdigits.noisy_clip(pool[3], stable_rng("t", 0), params, babble_pool=pool)
+    _, again = avdigits.noisy_clip(pool[3], stable_rng("t", 0), params, babble_pool=pool)
+    assert np.array_equal(clip, again) and len(clip) == 16_000
+    assert (np.abs(clip) > 1e-4).sum() > 8_000  # the noise is there, not only the word
+    with pytest.raises(ValueError, match="unknown noise kind"):
+        avdigits.noisy_clip(pool[3], stable_rng("t", 0), {**params, "noise": "brown"})

@@ -145,8 +145,8 @@ def data_build(
     """Build a built-in dataset from registry packages; a re-run with the same options does nothing.
 
     emoji: Noto emoji images (npm emoji-datasource-google), names as text, names spoken by
-    espeak-ng; labels category and subcategory. avdigits: degraded scikit-learn digit images
-    paired with noisy spoken digits, where neither modality alone is enough.
+    espeak-ng; labels category and subcategory. avdigits: occluded scikit-learn digit images
+    paired with spoken digits in babble, where neither modality alone is enough.
     """
     from modalforge.data.catalog import build_dataset
 
