@@ -12,7 +12,9 @@ device; ``hf_audio`` uses the model folder's own feature extractor.
   package (see ``pretrained/whisper.py``). ``window="trimmed"`` (default) runs it on the clip's
   own frames; ``"full"`` on the stock 30-s window (15x the frames of a 2-s clip, ~16x the CPU
   time). The two give related but different features (see ``compare_windows`` there): don't mix
-  them; ``encoder_id`` tells them apart. pooled = mean over the frames that hold audio.
+  them; ``encoder_id`` tells them apart. pooled = mean over the frames that hold audio. Its
+  forward is split into ``prepare`` (numpy log-mel) and a traceable ``forward_features`` (mel +
+  frame counts in), so ``OnnxEncoder`` exports the network and keeps the log-mel in Python.
 * ``hf_audio``: ``AutoModel`` + ``AutoFeatureExtractor`` from a local folder (never the hub);
   encoder-decoder models (Whisper) contribute their encoder. pooled = mean over audio frames.
 * ``audio_cnn``: a 1-D CNN over log-mel frames (mel bins as channels), per-frame LayerNorm, and
@@ -40,10 +42,11 @@ from modalforge.encoders.pretrained.whisper import (
     HOP,
     SAMPLES_PER_FRAME,
     Window,
+    additive_mask,
     as_wave_list,
     batch_log_mel,
-    encode_waves,
     load_packaged_whisper_tiny_en,
+    whisper_inputs,
 )
 from modalforge.encoders.registry import register_encoder
 from modalforge.schema import Modality
@@ -55,7 +58,11 @@ class WhisperAudioEncoder(Encoder):
     """A transformers ``WhisperEncoder`` on raw 16-kHz waves. ``window="trimmed"`` encodes each
     clip's own frames (+ ``tail_seconds`` of silence, attended to but not pooled), ``"full"`` the
     stock 30-s window. sequence = the frames up to the batch's longest clip (20 ms each), mask =
-    frames holding audio, pooled = their mean. Clips longer than 30 s are cut to 30 s."""
+    frames holding audio, pooled = their mean. Clips longer than 30 s are cut to 30 s.
+
+    ``forward`` is ``finish(forward_features(prepare(batch)))``: ``prepare`` computes the log-mel
+    with numpy (not traceable), ``forward_features`` is the traceable network (what
+    ``OnnxEncoder`` exports), ``finish`` cuts the sequence to the batch's longest clip."""
 
     modality = Modality.AUDIO
 
@@ -82,10 +89,73 @@ class WhisperAudioEncoder(Encoder):
             / SAMPLE_RATE,
         }
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> EncoderOutput:
-        hidden, mask = encode_waves(self.encoder, batch["waves"], batch["wave_lengths"],
-                                    self.window, self.tail_seconds)  # fmt: skip
+    @property
+    def feature_axes(self) -> dict[str, tuple[int, ...]]:
+        """The axes of ``prepare``'s tensors that vary between calls (the full window's mel
+        always has the 3000 frames of 30 s)."""
+        mel = (0, 2) if self.window == "trimmed" else (0,)
+        return {"mel": mel, "valid": (0,), "attend": (0,)}
+
+    def prepare(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Waves -> ``{"mel": (B, n_mels, 2F) float32, "valid": (B,) int64}`` (encoder frames
+        holding audio) and, for the trimmed window, ``"attend": (B,) int64`` (frames each clip
+        attends to: its own + the silence tail). Log-mel on the CPU with numpy, no gradient."""
+        enc = self.encoder
+        tail = round(self.tail_seconds * SAMPLE_RATE / SAMPLES_PER_FRAME)
+        inputs = whisper_inputs(batch["waves"], batch.get("wave_lengths"), self.window,
+                                enc.conv1.in_channels, enc.embed_positions.weight.shape[0],
+                                tail)  # fmt: skip
+        param = enc.conv1.weight
+        features = {"mel": inputs.mel.to(param.device, param.dtype),
+                    "valid": inputs.valid.to(param.device)}  # fmt: skip
+        if self.window == "trimmed":
+            attend = inputs.attend
+            if attend is None:  # every clip attends to all the frames
+                attend = torch.full_like(inputs.valid, inputs.mel.shape[-1] // 2)
+            features["attend"] = attend.to(param.device)
+        return features
+
+    def forward_features(self, features: dict[str, torch.Tensor]) -> EncoderOutput:
+        """The traceable part: mel -> frames (B, F, D), mask (B, F) of the frames holding audio,
+        pooled = their mean. F is every frame computed (1500 for the full window)."""
+        hidden = whisper_encoder_core(self.encoder, features["mel"], features.get("attend"))
+        frames = torch.arange(hidden.shape[1], device=hidden.device)
+        mask = frames[None, :] < features["valid"][:, None]
         return EncoderOutput(pooled=masked_mean(hidden, mask), sequence=hidden, mask=mask)
+
+    @staticmethod
+    def finish(out: EncoderOutput) -> EncoderOutput:
+        """Cut ``sequence`` and ``mask`` to the batch's longest clip (at least one frame)."""
+        if out.sequence is None or out.mask is None:
+            return out
+        t = max(1, int(out.mask.sum(1).max())) if out.mask.numel() else 1
+        return EncoderOutput(pooled=out.pooled, sequence=out.sequence[:, :t], mask=out.mask[:, :t])
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> EncoderOutput:
+        return self.finish(self.forward_features(self.prepare(batch)))
+
+
+def whisper_encoder_core(encoder: nn.Module, mel: torch.Tensor,
+                         attend: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """``run_whisper_encoder`` without data-dependent branches, so ``torch.export`` can trace it
+    with dynamic batch and frame counts: (B, n_mels, 2F) mel -> (B, F, D). With ``attend``
+    (B,), each clip's mel past ``2 * attend`` frames is zeroed and its frames past ``attend`` are
+    masked out of self-attention, always (a no-op where a clip attends to every frame)."""
+    if attend is not None:
+        keep_mel = torch.arange(mel.shape[-1], device=mel.device)[None, :] < 2 * attend[:, None]
+        mel = mel * keep_mel[:, None, :].to(mel.dtype)
+    x = F.gelu(encoder.conv1(mel))
+    x = F.gelu(encoder.conv2(x)).permute(0, 2, 1)
+    frames = x.shape[1]
+    x = x + encoder.embed_positions.weight[:frames]
+    x = F.dropout(x, p=encoder.dropout, training=encoder.training)
+    attn_mask = None
+    if attend is not None:
+        keep = torch.arange(frames, device=x.device)[None, :] < attend[:, None]
+        attn_mask = additive_mask(keep, x.dtype)
+    for layer in encoder.layers:
+        x = layer(x, attn_mask)
+    return encoder.layer_norm(x)
 
 
 @register_encoder(

@@ -5,10 +5,27 @@
 outputs with PyTorch on ``example`` (max abs difference of the pooled features must stay within
 ``atol``, or the export is deleted and an error raised), then answers ``__call__(batch)`` with an
 ``EncoderOutput`` computed by ONNX Runtime. CUDA is used when the installed onnxruntime has it.
+
+**A traceable core.** An encoder whose ``forward`` starts with work that cannot be traced (numpy
+log-mel spectrograms, Python loops over clips) may split it, duck-typed:
+
+* ``prepare(batch) -> dict[str, Tensor]``: the untraced preprocessing (it stays in Python, and
+  ``OnnxEncoder`` calls it before every ONNX Runtime run);
+* ``forward_features(features) -> EncoderOutput``: the traceable network, which is what gets
+  exported, its inputs named by ``prepare``'s keys;
+* optional ``feature_axes``: ``{key: axes that vary between calls}`` (default: every axis; axis
+  0, the batch, is always dynamic);
+* optional ``finish(output) -> EncoderOutput``: cheap untraced post-processing (cutting the
+  sequence to the longest clip), applied to ONNX Runtime's outputs too;
+
+so that ``forward(batch) == finish(forward_features(prepare(batch)))``. Such an encoder's graph
+also returns its ``mask`` when ``with_sequence`` is set. Encoders without ``prepare`` are
+exported whole, on their modality's batch keys (``INPUT_KEYS``).
 """
 
 from __future__ import annotations
 
+import time
 import warnings
 from pathlib import Path
 
@@ -33,16 +50,26 @@ class ParityError(RuntimeError):
     """An exported graph whose outputs differ from PyTorch's beyond tolerance."""
 
 
-class _Flat(nn.Module):
-    """Positional tensors in, (pooled, sequence) out: the shape ONNX export wants."""
+def has_core(encoder: nn.Module) -> bool:
+    """Whether ``encoder`` splits its forward into ``prepare`` + a traceable
+    ``forward_features`` (see the module docstring)."""
+    return callable(getattr(encoder, "prepare", None)) and callable(
+        getattr(encoder, "forward_features", None)
+    )
 
-    def __init__(self, encoder: Encoder, keys: tuple[str, ...], with_sequence: bool) -> None:
+
+class _Flat(nn.Module):
+    """Positional tensors in, (pooled[, sequence[, mask]]) out: the shape ONNX export wants."""
+
+    def __init__(self, encoder: Encoder, keys: tuple[str, ...], outputs: tuple[str, ...]) -> None:
         super().__init__()
-        self.encoder, self.keys, self.with_sequence = encoder, keys, with_sequence
+        self.encoder, self.keys, self.outputs = encoder, keys, outputs
+        self.core = has_core(encoder)
 
     def forward(self, *tensors: torch.Tensor):
-        out = self.encoder(dict(zip(self.keys, tensors, strict=True)))
-        return (out.pooled, out.sequence) if self.with_sequence else (out.pooled,)
+        inputs = dict(zip(self.keys, tensors, strict=True))
+        out = self.encoder.forward_features(inputs) if self.core else self.encoder(inputs)
+        return tuple(getattr(out, name) for name in self.outputs)
 
 
 def providers() -> list[str]:
@@ -83,36 +110,76 @@ class OnnxEncoder:
 
         encoder.freeze()
         self.encoder = encoder
-        self.keys = tuple(k for k in INPUT_KEYS[encoder.modality] if k in example)
+        self.core = has_core(encoder)
         self.with_sequence = with_sequence
+        features = self._features(example)
+        if self.core:
+            self.keys = tuple(features)
+        else:
+            self.keys = tuple(k for k in INPUT_KEYS[encoder.modality] if k in example)
+        with torch.no_grad():
+            expected = self._torch(features)
+        outputs = ["pooled"]
+        if with_sequence:
+            outputs.append("sequence")
+            if self.core and expected.mask is not None:
+                outputs.append("mask")
+        self.outputs = tuple(outputs)
         suffix = "seq" if with_sequence else "pooled"
+        if self.core:
+            suffix = "core-" + "-".join(self.outputs)
         name = f"{encoder.encoder_id}-{weights_fingerprint(encoder)}-{suffix}.onnx"
         self.path = (cache or cache_root()) / name
-        fresh = not self.path.is_file()
-        if fresh:
-            self._export(example)
+        #: whether this instance exported the graph (False: it was in the cache) and how long
+        #: the export took
+        self.exported = not self.path.is_file()
+        self.export_seconds = 0.0
+        if self.exported:
+            start = time.perf_counter()
+            self._export(features)
+            self.export_seconds = time.perf_counter() - start
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         self.session = ort.InferenceSession(str(self.path), options, providers=providers())
-        self.max_abs_diff = self._check(example, atol)
+        self.max_abs_diff = self._check(features, expected.pooled, atol)
 
-    def _export(self, example: dict[str, torch.Tensor]) -> None:
+    def _features(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """What the graph takes: ``prepare(batch)`` for an encoder with a core, else the batch."""
+        if self.core:
+            with torch.no_grad():
+                return dict(self.encoder.prepare(batch))
+        return batch
+
+    def _torch(self, features: dict[str, torch.Tensor]) -> EncoderOutput:
+        if self.core:
+            return self.encoder.forward_features(features)
+        return self.encoder(features)
+
+    def _dynamic_axes(self, key: str, tensor: torch.Tensor) -> tuple[int, ...]:
+        if not self.core:
+            return DYNAMIC_AXES[key]
+        declared = getattr(self.encoder, "feature_axes", None) or {}
+        axes = tuple(declared.get(key, range(tensor.dim())))
+        return axes if 0 in axes or tensor.dim() == 0 else (0, *axes)
+
+    def _export(self, features: dict[str, torch.Tensor]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".tmp.onnx")
-        outputs = ["pooled", "sequence"] if self.with_sequence else ["pooled"]
-        # one symbolic dimension per name, shared across inputs (batch, tokens, ...)
-        dims = {"0": torch.export.Dim.AUTO}
-        shapes = tuple({axis: dims["0"] if axis == 0 else torch.export.Dim.AUTO
-                        for axis in DYNAMIC_AXES[k]} for k in self.keys)  # fmt: skip
+        # Dim.AUTO: dynamic where the model allows it; torch.export works out which axes are
+        # equal across inputs (the batch) and specializes the ones the model fixes
+        auto = torch.export.Dim.AUTO
+        shapes = tuple(
+            {axis: auto for axis in self._dynamic_axes(k, features[k])} for k in self.keys
+        )
         # the dynamo exporter: the legacy TorchScript one is deprecated and bakes in
         # size-dependent values such as TF "SAME" pads
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
             program = torch.onnx.export(
-                _Flat(self.encoder, self.keys, self.with_sequence).eval(),
-                tuple(example[k] for k in self.keys),
+                _Flat(self.encoder, self.keys, self.outputs).eval(),
+                tuple(features[k] for k in self.keys),
                 input_names=list(self.keys),
-                output_names=outputs,
+                output_names=list(self.outputs),
                 dynamic_shapes=(shapes,),
                 dynamo=True,
                 verbose=False,
@@ -120,11 +187,10 @@ class OnnxEncoder:
             program.save(str(tmp), external_data=False)
         tmp.replace(self.path)
 
-    def _check(self, example: dict[str, torch.Tensor], atol: float) -> float:
-        with torch.no_grad():
-            expected = self.encoder(example).pooled.numpy()
-        got = self.run(example)[0]
-        diff = float(np.abs(got - expected).max())
+    def _check(self, features: dict[str, torch.Tensor], expected: torch.Tensor,
+               atol: float) -> float:  # fmt: skip
+        got = self._session_run(features)[0]
+        diff = float(np.abs(got - expected.detach().cpu().numpy()).max())
         if not diff <= atol:
             self.path.unlink(missing_ok=True)
             raise ParityError(
@@ -133,14 +199,25 @@ class OnnxEncoder:
             )
         return diff
 
-    def run(self, batch: dict[str, torch.Tensor]) -> list[np.ndarray]:
-        feeds = {k: batch[k].detach().cpu().numpy() for k in self.keys}
+    def _session_run(self, features: dict[str, torch.Tensor]) -> list[np.ndarray]:
+        feeds = {k: features[k].detach().cpu().numpy() for k in self.keys}
         return self.session.run(None, feeds)
 
+    def run(self, batch: dict[str, torch.Tensor]) -> list[np.ndarray]:
+        """The graph's outputs (``self.outputs``) for a batch (``prepare`` applied first)."""
+        return self._session_run(self._features(batch))
+
     def __call__(self, batch: dict[str, torch.Tensor]) -> EncoderOutput:
-        outputs = [torch.from_numpy(o) for o in self.run(batch)]
-        sequence = outputs[1] if self.with_sequence else None
+        outputs = dict(zip(self.outputs, (torch.from_numpy(o) for o in self.run(batch)),
+                           strict=True))  # fmt: skip
+        if self.core:
+            out = EncoderOutput(pooled=outputs["pooled"], sequence=outputs.get("sequence"),
+                                mask=outputs.get("mask"))  # fmt: skip
+            finish = getattr(self.encoder, "finish", None)
+            return finish(out) if callable(finish) else out
         mask = batch.get("attention_mask")
         return EncoderOutput(
-            pooled=outputs[0], sequence=sequence, mask=None if mask is None else mask.bool()
+            pooled=outputs["pooled"],
+            sequence=outputs.get("sequence"),
+            mask=None if mask is None else mask.bool(),
         )
