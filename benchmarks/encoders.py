@@ -3,9 +3,9 @@ fp32 matrix-multiply ceiling.
 
     .venv/bin/python benchmarks/encoders.py --out benchmarks/results/encoders.json
 
-* ceiling: best GFLOP/s of ``torch.matmul`` on large square fp32 matrices (torch's default
-  threads), best of several runs per size; ONNX Runtime's own MatMul is measured beside it (it
-  can beat torch's BLAS, so ORT runs can exceed 100 % of this ceiling);
+* ceiling: the best GFLOP/s the machine reaches on large square fp32 matrix multiplies, over
+  ``torch.matmul`` (torch's default threads) and ONNX Runtime's MatMul, best of several runs per
+  size (on the AMD EPYC here ORT's MLAS kernel doubles torch's BLAS; both are in the JSON);
 * per encoder and batch size: samples/s in eager PyTorch (``inference_mode``) and through
   ``OnnxEncoder`` (exported here with the dynamo exporter, parity-checked, ORT session with its
   default threads); FLOPs per sample counted with ``torch.utils.flop_counter.FlopCounterMode`` on
@@ -192,7 +192,9 @@ def matmul_ceiling(sizes: tuple[int, ...], repeats: int, quiet: Quiet) -> dict:
             rates[str(n)] = round(2 * n**3 / best / 1e9, 1)
     return {
         "torch_gflops_by_size": torch_rates,
-        "ceiling_gflops": max(torch_rates.values()),
+        "torch_matmul_gflops": max(torch_rates.values()),
+        # a property of the machine: the best any of the two kernels reaches
+        "ceiling_gflops": max(*torch_rates.values(), *ort_rates.values()),
         "onnxruntime_gflops_by_size": ort_rates,
         "onnxruntime_matmul_gflops": max(ort_rates.values()),
         "repeats": repeats,
@@ -412,14 +414,14 @@ def plot(payload: dict, path: Path) -> None:
         ax.margins(x=0.15)
         if not log:
             mm = payload["matmul"]
-            ort_level = 100 * mm["onnxruntime_matmul_gflops"] / mm["ceiling_gflops"]
+            torch_level = 100 * mm["torch_matmul_gflops"] / mm["ceiling_gflops"]
             ax.axvline(100, color="grey", lw=0.8, ls="--")
             ax.axvline(
-                ort_level,
+                torch_level,
                 color="tab:orange",
                 lw=0.8,
                 ls=":",
-                label=f"ORT MatMul ({mm['onnxruntime_matmul_gflops']:.0f} GFLOP/s)",
+                label=f"torch.matmul ({mm['torch_matmul_gflops']:.0f} GFLOP/s)",
             )
             ax.legend(loc="lower right", fontsize=7)
     left.set_yticks(y, labels, fontsize=8)
