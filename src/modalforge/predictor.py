@@ -480,17 +480,33 @@ class MultimodalPredictor:
         manifest = self._manifest(data, root)
         cached = self._cached_features(manifest, progress=False)
         base = self.predict_proba(manifest, _cached=cached)
+        table = prediction_table(base.probs, self.task, self.labels)  # type: ignore[arg-type]
         if self.task != "classification":
-            return pd.DataFrame({"prediction": base.probs[:, 0]})
-        table = pd.DataFrame({"label": [self.labels[i] for i in base.probs.argmax(1)]})  # type: ignore[index]
-        table["confidence"] = base.probs.max(1)
-        for i, name in enumerate(self.labels):  # type: ignore[arg-type]
-            table[f"p:{name}"] = base.probs[:, i]
+            return table
         for column, values in self.contributions(manifest, base, cached).items():
             table[f"contribution:{column}"] = values
         return table
 
     # ------------------------------------------------------------------ evaluate
+    def evaluation_rows(
+        self, data: str | Path | Manifest | pd.DataFrame, split: str | None
+    ) -> Manifest:
+        """The rows to score: those of ``split`` (if given), valid, with a label the model knows."""
+        manifest = self._manifest(data)
+        if split is not None:
+            if "split" not in manifest.frame:
+                raise ValueError(f"split={split!r} asked for, but the manifest has no split column")
+            manifest = manifest.subset(np.flatnonzero(manifest.frame["split"].astype(str) == split))
+        manifest = self._clean(manifest, self.schema, progress=False)  # type: ignore[arg-type]
+        if self.task == "classification":
+            known = manifest.frame[self.label].astype(str).isin(self.labels)  # type: ignore[arg-type]
+            if not known.all():
+                print(f"note: {int((~known).sum())} rows have labels the model never saw; left out")
+                manifest = manifest.subset(np.flatnonzero(known.to_numpy()))
+        if len(manifest) == 0:
+            raise ValueError("no rows to evaluate")
+        return manifest
+
     def evaluate(
         self,
         data: str | Path | Manifest | pd.DataFrame,
@@ -511,19 +527,7 @@ class MultimodalPredictor:
         )
 
         model = self._require_model()
-        manifest = self._manifest(data)
-        if split is not None:
-            if "split" not in manifest.frame:
-                raise ValueError(f"split={split!r} asked for, but the manifest has no split column")
-            manifest = manifest.subset(np.flatnonzero(manifest.frame["split"].astype(str) == split))
-        manifest = self._clean(manifest, self.schema, progress=False)  # type: ignore[arg-type]
-        if self.task == "classification":
-            known = manifest.frame[self.label].astype(str).isin(self.labels)  # type: ignore[arg-type]
-            if not known.all():
-                print(f"note: {int((~known).sum())} rows have labels the model never saw; left out")
-                manifest = manifest.subset(np.flatnonzero(known.to_numpy()))
-        if len(manifest) == 0:
-            raise ValueError("no rows to evaluate")
+        manifest = self.evaluation_rows(data, split)
         cached = self._cached_features(manifest, progress=False)
         warm = manifest.subset(range(min(8, len(manifest))))  # first calls pay one-off costs
         self.predict_proba(
@@ -622,6 +626,18 @@ class MultimodalPredictor:
         predictor._mark_vocabularies()
         predictor.bundle = bundle
         return predictor
+
+
+def prediction_table(probs: np.ndarray, task: str, labels: list[str] | None) -> pd.DataFrame:
+    """(N, C) probabilities -> label, confidence and ``p:<class>`` columns (classification);
+    (N, 1) values -> a ``prediction`` column (regression)."""
+    if task != "classification":
+        return pd.DataFrame({"prediction": probs[:, 0]})
+    table = pd.DataFrame({"label": [labels[i] for i in probs.argmax(1)]})  # type: ignore[index]
+    table["confidence"] = probs.max(1)
+    for i, name in enumerate(labels):  # type: ignore[arg-type]
+        table[f"p:{name}"] = probs[:, i]
+    return table
 
 
 def _quiet_lightning() -> None:

@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 
 from modalforge.data.manifest import Manifest
-from modalforge.predictor import MultimodalPredictor, Prediction
+from modalforge.predictor import MultimodalPredictor, Prediction, prediction_table
 from modalforge.train.crossval import assign_folds
 from modalforge.train.run import RunOptions, train_run
 from modalforge.train.sweep import ROW, prepare, reference_split, split_counts, write_split
@@ -101,14 +101,7 @@ class EnsemblePredictor:
     ) -> pd.DataFrame:
         """Per row: the predicted label, its probability and every class's (classification);
         the predicted value (regression)."""
-        probs = self.predict_proba(data, root).probs
-        if self.task != "classification":
-            return pd.DataFrame({"prediction": probs[:, 0]})
-        table = pd.DataFrame({"label": [self.labels[i] for i in probs.argmax(1)]})  # type: ignore[index]
-        table["confidence"] = probs.max(1)
-        for i, name in enumerate(self.labels):  # type: ignore[arg-type]
-            table[f"p:{name}"] = probs[:, i]
-        return table
+        return prediction_table(self.predict_proba(data, root).probs, self.task, self.labels)
 
     def evaluate(
         self,
@@ -129,19 +122,7 @@ class EnsemblePredictor:
         )
 
         first = self.members[0]
-        manifest = first._manifest(data)
-        if split is not None:
-            if "split" not in manifest.frame:
-                raise ValueError(f"split={split!r} asked for, but the manifest has no split column")
-            manifest = manifest.subset(np.flatnonzero(manifest.frame["split"].astype(str) == split))
-        manifest = first._clean(manifest, self.schema, progress=False)  # type: ignore[arg-type]
-        if self.task == "classification":
-            known = manifest.frame[self.label].astype(str).isin(self.labels)  # type: ignore[arg-type]
-            if not known.all():
-                print(f"note: {int((~known).sum())} rows have labels the model never saw; left out")
-                manifest = manifest.subset(np.flatnonzero(known.to_numpy()))
-        if len(manifest) == 0:
-            raise ValueError("no rows to evaluate")
+        manifest = first.evaluation_rows(data, split)
         cached = [m._cached_features(manifest, progress=False) for m in self.members]
         t0 = time.perf_counter()
         member_probs = [p.probs for p in self._member_probs(manifest, cached=cached)]
