@@ -38,14 +38,11 @@ import torch
 
 from modalforge.encoders import create_encoder
 from modalforge.encoders.onnx_runtime import OnnxEncoder
+from modalforge.encoders.pretrained.whisper import SENTENCES as WHISPER_SENTENCES
 
+# Whisper's test sentences plus two longer ones, for text and speech inputs alike
 SENTENCES = (
-    "the quick brown fox jumps over the lazy dog",
-    "please call stella and ask her to bring these things",
-    "she sells sea shells by the sea shore",
-    "open the door and turn on the light",
-    "we will meet at the station tomorrow morning",
-    "my favorite color is blue",
+    *WHISPER_SENTENCES,
     "a cat sleeps on the warm windowsill while the rain falls outside",
     "the stock market fell sharply today after the announcement",
 )

@@ -31,7 +31,7 @@ from modalforge.data.manifest import Manifest
 from modalforge.predictor import MultimodalPredictor, Prediction, prediction_table
 from modalforge.train.crossval import assign_folds
 from modalforge.train.run import RunOptions, train_run
-from modalforge.train.sweep import ROW, prepare, reference_split, split_counts, write_split
+from modalforge.train.sweep import ROW, pinned_split, split_counts
 
 
 class EnsemblePredictor:
@@ -194,13 +194,7 @@ def train_ensemble(
     if members < 1 or (by == "fold" and members < 2):
         raise ValueError(f"need at least {2 if by == 'fold' else 1} members, got {members}")
     out = Path(out if out is not None else options.out)
-    out.mkdir(parents=True, exist_ok=True)
-    prepared = prepare(options, progress)
-    split = reference_split(prepared, options)
-    counts = split_counts(split)
-    if counts["test"] == 0:
-        raise ValueError("the split has no test rows: nothing to evaluate the ensemble on")
-    write_split(prepared, split, out / "split.csv")
+    prepared, split = pinned_split(options, out, progress, "evaluate the ensemble on")
     fold = None
     if by == "fold":
         pool = np.flatnonzero((split == "train") | (split == "val"))
@@ -239,7 +233,7 @@ def train_ensemble(
         "members": len(summaries),
         "task": prepared.task,
         "seed": options.seed,
-        "rows": counts,
+        "rows": split_counts(split),
         "bundles": [f"member-{i + 1}/bundle" for i in range(len(summaries))],
         "member_runs": [
             {

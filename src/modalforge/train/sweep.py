@@ -106,6 +106,20 @@ def split_counts(split: np.ndarray) -> dict[str, int]:
     return {name: int((split == name).sum()) for name in ("train", "val", "test")}
 
 
+def pinned_split(
+    options: RunOptions, out: Path, progress: bool, purpose: str
+) -> tuple[Prepared, np.ndarray]:
+    """Read the manifest once, fix the split every run will share, refuse a split without test
+    rows (``purpose`` says what they were for) and record it as ``OUT/split.csv``."""
+    out.mkdir(parents=True, exist_ok=True)
+    prepared = prepare(options, progress)
+    split = reference_split(prepared, options)
+    if split_counts(split)["test"] == 0:
+        raise ValueError(f"the split has no test rows: nothing to {purpose}")
+    write_split(prepared, split, out / "split.csv")
+    return prepared, split
+
+
 def write_split(prepared: Prepared, split: np.ndarray, path: Path, name: str = "split") -> Path:
     """``row`` (position in the manifest file) and ``split`` per used row, as CSV."""
     pd.DataFrame({"row": prepared.frame[ROW].to_numpy(), name: split}).to_csv(path, index=False)
@@ -145,13 +159,7 @@ def sweep(
     if unknown:
         raise ValueError(f"unknown fusion(s) {unknown} (choose from {', '.join(known)})")
     out = Path(out if out is not None else options.out)
-    out.mkdir(parents=True, exist_ok=True)
-    prepared = prepare(options, progress)
-    split = reference_split(prepared, options)
-    counts = split_counts(split)
-    if counts["test"] == 0:
-        raise ValueError("the split has no test rows: nothing to compare the runs on")
-    write_split(prepared, split, out / "split.csv")
+    prepared, split = pinned_split(options, out, progress, "compare the runs on")
     manifest = prepared.with_split(split)
 
     plan: list[tuple[str, str, RunOptions]] = []
@@ -194,7 +202,7 @@ def sweep(
     cache = _cache_summary(table)
     info = {
         "task": prepared.task,
-        "rows": counts,
+        "rows": split_counts(split),
         "seed": options.seed,
         "seconds": round(time.perf_counter() - started, 1),
         "cache": cache,

@@ -58,6 +58,25 @@ def is_up_to_date(out: Path, recipe: dict[str, Any], files: Callable[[], Iterabl
     return same and all(p.is_file() for p in files())
 
 
+def reuse_build(name: str, out: Path, recipe: dict[str, Any], file_columns: Iterable[str]):
+    """The existing build in ``out`` as a ``BuildResult`` if it is up to date for ``recipe``
+    (every file of ``file_columns`` present), else None."""
+    import pandas as pd
+
+    from modalforge.data.catalog import BuildResult
+
+    manifest = out / "manifest.csv"
+
+    def files():
+        frame = pd.read_csv(manifest, keep_default_na=False)
+        for column in file_columns:
+            yield from (out / p for p in frame[column])
+
+    if not is_up_to_date(out, recipe, files):
+        return None
+    return BuildResult(name, manifest, len(pd.read_csv(manifest, usecols=["id"])), 0.0, reused=True)
+
+
 def start_build(out: Path, recipe: dict[str, Any], generated: Iterable[str]) -> None:
     """Record the recipe being built in ``out/.build.json``. If a different recipe was built or
     started there, its generated folders are removed first, so files made with other settings

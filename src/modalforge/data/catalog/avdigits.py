@@ -94,8 +94,8 @@ from modalforge.data.catalog import BuildResult, register_dataset
 from modalforge.data.catalog._common import (
     Timer,
     atomic_write_bytes,
-    is_up_to_date,
     parallel_map,
+    reuse_build,
     stable_rng,
     start_build,
     write_flac,
@@ -377,15 +377,9 @@ def build_avdigits(
         "audio": AUDIO,
     }
 
-    def files():
-        frame = pd.read_csv(out / "manifest.csv", keep_default_na=False)
-        for column in ("image", "audio"):
-            yield from (out / p for p in frame[column])
-
     with Timer() as timer:
-        if is_up_to_date(out, recipe, files):
-            n = len(pd.read_csv(out / "manifest.csv", usecols=["id"]))
-            return BuildResult("avdigits", out / "manifest.csv", n, 0.0, reused=True)
+        if (done := reuse_build("avdigits", out, recipe, ("image", "audio"))) is not None:
+            return done
         workers = workers or max(2, os.cpu_count() or 2)
         digits = load_digits()
         images, labels = digits.images, [int(t) for t in digits.target]

@@ -30,8 +30,8 @@ from modalforge.data.catalog._common import (
     Timer,
     atomic_write_bytes,
     cache_dir,
-    is_up_to_date,
     parallel_map,
+    reuse_build,
     start_build,
     write_flac,
     write_meta,
@@ -105,15 +105,9 @@ def build_emoji(
         "sample_rate": SAMPLE_RATE,
     }
 
-    def files():
-        frame = pd.read_csv(out / "manifest.csv", keep_default_na=False)
-        for column in ("image", "audio"):
-            yield from (out / p for p in frame[column])
-
     with Timer() as timer:
-        if is_up_to_date(out, recipe, files):
-            n = len(pd.read_csv(out / "manifest.csv", usecols=["id"]))
-            return BuildResult("emoji", out / "manifest.csv", n, 0.0, reused=True)
+        if (done := reuse_build("emoji", out, recipe, ("image", "audio"))) is not None:
+            return done
         tgz = (
             _checked_tarball(tarball)
             if tarball is not None
