@@ -388,44 +388,21 @@ def train(
     Frozen pretrained encoders read features from an on-disk cache, so a second run (or a
     sweep) does not encode again. The resolved options are saved as RUN/run.yaml.
     """
-    from modalforge.train.run import RunOptions, train_run
+    from modalforge.train.run import train_run
 
-    encoders = {
-        k: v
-        for k, v in {"image": image_encoder, "text": text_encoder, "audio": audio_encoder}.items()
-        if v
-    }
-    encoders.update(_pairs(encoder, "--encoder"))
     flags = {
-        "manifest": str(manifest) if manifest else None, "label": label,
-        "out": str(out) if out else None,
-        "fusion": fusion, "finetune": finetune, "task": task, "epochs": epochs,
-        "batch_size": batch_size, "lr": lr, "patience": patience, "loss": loss,
-        "label_smoothing": label_smoothing, "class_weights": class_weights,
+        "manifest": manifest, "label": label, "finetune": finetune, "task": task,
+        "epochs": epochs, "batch_size": batch_size, "lr": lr, "patience": patience,
+        "loss": loss, "label_smoothing": label_smoothing, "class_weights": class_weights,
         "modality_dropout": modality_dropout, "augment": augment, "seed": seed,
         "devices": devices, "accelerator": accelerator, "strategy": strategy,
-        "num_nodes": num_nodes,
-        "columns": columns.split(",") if columns else None,
+        "num_nodes": num_nodes, "columns": columns,
     }  # fmt: skip
     try:
-        if config:
-            options = RunOptions.from_yaml(config, **flags)
-        else:
-            if not manifest or not label:
-                fail("--manifest and --label are required (or give them in --config)")
-            options = RunOptions(**{k: v for k, v in flags.items() if v is not None})
-        if encoders:
-            options.encoders = {**options.encoders, **encoders}
-        if image_size:
-            for key in (
-                "image",
-                *[k for k, v in options.encoders.items() if v in ("efficientnet_lite0", "cnn")],
-            ):
-                options.encoder_kwargs.setdefault(key, {})["image_size"] = image_size
-            options.encoders.setdefault("image", "efficientnet_lite0")
+        encoders = _encoder_flags(image_encoder, text_encoder, audio_encoder, encoder)
+        # command "run": without --out or a config's `out`, the folder is runs/run as before
+        options, _ = _many_options("run", out, config, fusion, encoders, image_size, **flags)
         options.resume = resume
-        if fusion is not None and fusion not in _fusion_names():
-            fail(f"unknown fusion {fusion!r} (choose from {', '.join(_fusion_names())})")
         summary = train_run(options)
     except (ValueError, KeyError, FileNotFoundError) as err:
         fail(str(err))
