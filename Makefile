@@ -7,8 +7,9 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DATA ?= data
 # Debian packages the project uses: espeak-ng speaks the dataset texts, asterisk sounds are the
-# real spoken digits of avdigits, DejaVu renders labels on contact sheets.
-SYSTEM_PACKAGES := espeak-ng asterisk-core-sounds-en-wav fonts-dejavu-core
+# real spoken digits of avdigits, DejaVu renders labels on contact sheets, headless Chromium (and
+# its WebDriver) runs the serving playground's browser test. `make system-deps` installs them.
+SYSTEM_PACKAGES := espeak-ng asterisk-core-sounds-en-wav fonts-dejavu-core chromium chromium-driver
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 # pip on some machines warns once per package about unreachable extra index folders: noise
 QUIET_PIP := 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
@@ -41,6 +42,8 @@ system-deps:
 	command -v espeak-ng >/dev/null || missing="$$missing espeak-ng"; \
 	[ -d /usr/share/asterisk/sounds/en_US_f_Allison/digits ] || missing="$$missing asterisk-core-sounds-en-wav"; \
 	[ -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || missing="$$missing fonts-dejavu-core"; \
+	command -v chromium >/dev/null || missing="$$missing chromium"; \
+	command -v chromedriver >/dev/null || missing="$$missing chromium-driver"; \
 	if [ -n "$$missing" ]; then \
 	  if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
 	    echo "installing system packages:$$missing"; \
@@ -51,7 +54,7 @@ system-deps:
 	  else \
 	    echo "warning: missing system packages:$$missing"; \
 	    echo "  install them with your package manager (Debian: apt-get install$$missing);"; \
-	    echo "  without them the audio of the built-in datasets cannot be made and their tests skip."; \
+	    echo "  without them the built-in datasets have no audio and the browser test skips."; \
 	  fi; \
 	fi
 

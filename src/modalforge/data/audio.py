@@ -44,6 +44,32 @@ class AudioConfig:
         return None if self.clip_seconds is None else round(self.clip_seconds * self.sample_rate)
 
 
+# RIFF sizes that streaming writers (ffmpeg to a pipe, ...) put where the length is unknown
+_UNKNOWN_SIZES = (0, 0xFFFFFFFF)
+
+
+def check_wav_sizes(data: bytes, total: int | None = None) -> None:
+    """Raise DecodeError when a RIFF/WAVE file's data chunk claims more bytes than the file
+    holds. libsndfile quietly decodes what is there; a header that lies about its length is a
+    truncated or forged upload, and is reported as such. ``data``: the file or its first bytes;
+    ``total``: the file's size (default ``len(data)``)."""
+    total = len(data) if total is None else total
+    if len(data) < 12 or data[:4] != b"RIFF" or data[8:12] != b"WAVE":
+        return
+    pos = 12
+    while pos + 8 <= len(data):
+        chunk, size = data[pos : pos + 4], int.from_bytes(data[pos + 4 : pos + 8], "little")
+        available = total - pos - 8
+        if chunk == b"data":
+            if size not in _UNKNOWN_SIZES and size > available:
+                raise DecodeError(
+                    f"WAV header says the audio data is {size:,} bytes but the file holds "
+                    f"{available:,}: truncated, or a header that lies about its length"
+                )
+            return
+        pos += 8 + size + (size & 1)
+
+
 def decode_audio(
     source: bytes | str | Path, max_seconds: float = DEFAULT_MAX_DECODE_SECONDS
 ) -> tuple[np.ndarray, int]:
@@ -53,6 +79,11 @@ def decode_audio(
         return io.BytesIO(source) if isinstance(source, bytes | bytearray) else source
 
     try:
+        if isinstance(source, bytes | bytearray):
+            check_wav_sizes(bytes(source))
+        else:
+            with open(source, "rb") as f:
+                check_wav_sizes(f.read(65_536), Path(source).stat().st_size)
         info = sf.info(_open())
         if info.samplerate <= 0:
             raise DecodeError(f"invalid sample rate {info.samplerate}")

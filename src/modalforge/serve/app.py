@@ -1,0 +1,439 @@
+"""The HTTP service: ``create_app(engine, ServeConfig())`` -> a FastAPI app.
+
+Routes: ``POST /v1/predict`` (JSON or multipart), ``POST /v1/predict/batch``, ``GET /v1/models``
+(OpenAI's list format plus the bundle's schema, labels and metrics), ``GET /healthz``,
+``GET /readyz``, ``GET /metrics`` (Prometheus), ``/docs`` + ``/openapi.json`` and the playground at
+``GET /``. Every refusal is a 4xx with OpenAI's error shape ``{"error": {"message", "type",
+"param", "code"}}``; the model runs in the batcher's inference thread, never on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import importlib.resources
+import json
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from modalforge.serve.batching import Closed, MicroBatcher, QueueFull
+from modalforge.serve.engine import Engine, RequestError
+from modalforge.serve.metrics import ServerMetrics
+from modalforge.serve.requests import (
+    JSON,
+    batch_items,
+    check_body,
+    json_fields,
+    load_json,
+    multipart_fields,
+)
+
+log = logging.getLogger("modalforge.serve")
+
+
+@dataclass
+class ServeConfig:
+    max_batch: int = 32  # samples per model call
+    batch_timeout_ms: float = 5.0  # longest a batch waits for requests still being decoded
+    max_queue: int = 256  # requests admitted at once; more get 429 + Retry-After
+    workers: int = 1  # inference threads (torch threads are split between them)
+    max_body_mb: float = 20.0
+    request_timeout_s: float = 30.0
+    api_key: str | None = None  # required as "Authorization: Bearer KEY" or "X-API-Key: KEY"
+    max_batch_items: int = 256  # samples in one /v1/predict/batch call
+    drain_timeout_s: float = 30.0
+    torch_threads: int | None = None  # per inference thread; None: cores // workers
+
+
+def error_body(
+    message: str, status: int, kind: str = "invalid_request_error", param: str | None = None
+) -> dict[str, Any]:
+    return {"error": {"message": message, "type": kind, "param": param, "code": status}}
+
+
+def error_response(
+    message: str,
+    status: int,
+    kind: str | None = None,
+    param: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    kind = kind or ("server_error" if status >= 500 else "invalid_request_error")
+    return JSONResponse(error_body(message, status, kind, param), status, headers=headers)
+
+
+def _thread_init(threads: int) -> Callable[[], None]:
+    def init() -> None:
+        import torch
+
+        torch.set_num_threads(threads)
+
+    return init
+
+
+class Gate:
+    """Pure-ASGI front of the app: API key for ``/v1/*``, body-size limit, request metrics.
+
+    A body over ``limit`` bytes is answered 413 without reading further (``Content-Length``
+    checked first, chunked bodies counted as they stream in); the app then gets the buffered body.
+    """
+
+    def __init__(
+        self,
+        app: FastAPI,
+        limit: int,
+        api_key: str | None,
+        metrics: ServerMetrics,
+        routes: set[str],
+    ) -> None:
+        self.app = app
+        self.limit = limit
+        self.api_key = api_key
+        self.metrics = metrics
+        self.routes = routes
+
+    @property
+    def state(self):
+        return self.app.state
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        path = scope["path"]
+        route = path if path in self.routes else "other"
+        status = [500]
+
+        async def send_status(message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self._handle(scope, receive, send_status, path)
+        finally:
+            self.metrics.observe_request(route, status[0], time.perf_counter() - started)
+
+    async def _handle(self, scope, receive, send, path: str) -> None:
+        headers = dict(scope.get("headers", []))
+        if self.api_key and path.startswith("/v1/") and not _authorized(headers, self.api_key):
+            await _send_error(
+                send,
+                "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                401,
+                "authentication_error",
+                {b"www-authenticate": b"Bearer"},
+            )
+            return
+        if scope["method"] in ("GET", "HEAD", "OPTIONS"):
+            await self.app(scope, receive, send)
+            return
+        mb = f"{self.limit / 2**20:g} MiB"
+        declared = headers.get(b"content-length")
+        if declared is not None:
+            try:
+                size = int(declared)
+            except ValueError:
+                await _send_error(send, "invalid Content-Length header", 400)
+                return
+            if size > self.limit:
+                await _send_error(send, f"body of {size:,} bytes is over the limit of {mb}", 413)
+                return
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.limit:
+                await _send_error(send, f"body is over the limit of {mb}", 413)
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        sent = False
+
+        async def replay():
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
+async def _send_error(
+    send,
+    message: str,
+    status: int,
+    kind: str = "invalid_request_error",
+    extra: dict[bytes, bytes] | None = None,
+) -> None:
+    payload = json.dumps(error_body(message, status, kind)).encode()
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(payload)).encode()),
+        *(extra or {}).items(),
+    ]
+    if status == 413:  # the rest of the body is not read: the connection cannot be reused
+        headers.append((b"connection", b"close"))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": payload})
+
+
+def create_app(engine: Engine, config: ServeConfig | None = None) -> FastAPI:
+    """The service for one loaded bundle. Start it with uvicorn (``modalforge serve``)."""
+    import os
+
+    config = config or ServeConfig()
+    metrics = ServerMetrics()
+    threads = config.torch_threads or max(1, (os.cpu_count() or 1) // config.workers)
+    batcher = MicroBatcher(
+        engine.predict,
+        max_batch=config.max_batch,
+        max_wait_s=config.batch_timeout_ms / 1000,
+        max_queue=config.max_queue,
+        workers=config.workers,
+        on_batch=metrics.observe_batch,
+        thread_init=_thread_init(threads),
+    )
+    metrics.track_queue(lambda: batcher.depth)
+    state = {"status": "starting"}
+    columns = {c.name: c for c in engine.inputs}
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await batcher.start()
+        # warm up in the inference thread itself (its torch threads, its lazy initialisation)
+        warm = _thread_init(threads)
+        await asyncio.get_running_loop().run_in_executor(
+            batcher._executors[0], lambda: (warm(), engine.warmup(config.max_batch))
+        )
+        state["status"] = "ready"
+        log.info("modalforge: serving %s (version %s)", engine.name, engine.version)
+        yield
+        state["status"] = "draining"
+        await batcher.stop(config.drain_timeout_s)
+
+    app = FastAPI(
+        title="modalforge",
+        summary=f"{engine.task} with {engine.name}: inputs {', '.join(columns)}",
+        version=engine.version,
+        lifespan=lifespan,
+    )
+    app.state.engine, app.state.batcher, app.state.metrics = engine, batcher, metrics
+    app.state.config = config
+
+    # -- errors: one shape everywhere -----------------------------------------------------------
+    @app.exception_handler(RequestError)
+    async def _request_error(request: Request, err: RequestError):
+        metrics.error(request.url.path, err.kind)
+        return error_response(err.message, err.status, err.kind, err.param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, err: StarletteHTTPException):
+        return error_response(
+            str(err.detail), err.status_code, headers=getattr(err, "headers", None)
+        )
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, err: RequestValidationError):
+        return error_response(f"invalid request: {err.errors()}", 422)
+
+    @app.exception_handler(Exception)
+    async def _server_error(request: Request, err: Exception):
+        log.exception("modalforge: unexpected error on %s", request.url.path)
+        metrics.error(request.url.path, "server_error")
+        return error_response(f"internal error: {type(err).__name__}", 500)
+
+    # -- predict ----------------------------------------------------------------------------------
+    async def run_one(fields: dict[str, Any]) -> dict[str, Any]:
+        """Admit (backpressure), decode off the loop, batch, wait (timeout)."""
+        if state["status"] != "ready":
+            raise RequestError(f"the server is {state['status']}", status=503, kind="unavailable")
+        try:
+            with batcher.admit() as ticket:
+                sample = await asyncio.to_thread(engine.decode, fields)
+                metrics.decode_seconds.observe(sample.decode_seconds)
+                return await asyncio.wait_for(ticket.submit(sample), config.request_timeout_s)
+        except QueueFull as err:
+            raise _Busy(err) from None
+        except Closed:
+            raise RequestError(
+                "the server is shutting down", status=503, kind="unavailable"
+            ) from None
+        except TimeoutError:
+            raise RequestError(
+                f"no result within {config.request_timeout_s:g} s", status=504, kind="timeout"
+            ) from None
+
+    def model_param(obj: dict[str, Any]) -> None:
+        name = obj.pop("model", None) if "model" not in columns else None
+        if name is not None and name != engine.name:
+            raise RequestError(
+                f"model {name!r} is not served here (this server has {engine.name!r})",
+                status=404,
+                param="model",
+            )
+
+    def envelope(result: dict[str, Any]) -> dict[str, Any]:
+        return {"model": engine.name, "version": engine.version, **result}
+
+    @app.post(
+        "/v1/predict",
+        tags=["predict"],
+        openapi_extra=_predict_openapi(columns),
+        summary="Predict one sample",
+    )
+    async def predict(request: Request):
+        body = await request.body()
+        mime = check_body(body, request.headers.get("content-type"))
+        if mime == JSON:
+            obj = load_json(body)
+            if isinstance(obj, dict):
+                model_param(obj)
+            fields = json_fields(obj, columns)
+        else:
+            fields = multipart_fields(body, request.headers["content-type"], columns)
+            if "model" not in columns and isinstance(fields.get("model"), bytes):
+                model_param({"model": fields.pop("model").decode("utf-8", "replace")})
+        return envelope(await run_one(fields))
+
+    @app.post("/v1/predict/batch", tags=["predict"], summary="Predict many samples in one call")
+    async def predict_batch(request: Request):
+        body = await request.body()
+        if check_body(body, request.headers.get("content-type")) != JSON:
+            raise RequestError("a batch is sent as application/json", status=415)
+        obj = load_json(body)
+        items = batch_items(obj, config.max_batch_items)
+        model_param(obj)
+        fields = []
+        for i, item in enumerate(items):
+            try:
+                fields.append(json_fields(item, columns, where=f"inputs[{i}]"))
+            except RequestError as err:
+                raise _at(err, i) from None
+
+        async def one(i: int, f: dict[str, Any]):
+            try:
+                return await run_one(f)
+            except RequestError as err:
+                raise _at(err, i) from None
+
+        results = await asyncio.gather(*(one(i, f) for i, f in enumerate(fields)))
+        return {"model": engine.name, "version": engine.version, "predictions": list(results)}
+
+    # -- describe -------------------------------------------------------------------------------
+    @app.get("/v1/models", tags=["models"], summary="The served model (OpenAI list format)")
+    async def models():
+        return {"object": "list", "data": [engine.card()]}
+
+    @app.get("/v1/models/{model_id}", tags=["models"], summary="One model")
+    async def model(model_id: str):
+        if model_id != engine.name:
+            raise RequestError(f"model {model_id!r} is not served here", status=404, param="model")
+        return engine.card()
+
+    @app.get("/healthz", tags=["ops"], summary="The process is up")
+    async def healthz():
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["ops"], summary="The model is loaded and taking requests")
+    async def readyz():
+        ready = state["status"] == "ready"
+        body = {"status": state["status"], "queue_depth": batcher.depth}
+        return JSONResponse(body, 200 if ready else 503)
+
+    @app.get("/metrics", tags=["ops"], summary="Prometheus metrics")
+    async def prometheus():
+        return Response(metrics.render(), media_type=metrics.content_type)
+
+    @app.get("/", include_in_schema=False)
+    async def playground():
+        page = importlib.resources.files("modalforge.serve").joinpath("static/index.html")
+        return HTMLResponse(page.read_text(encoding="utf-8"))
+
+    @app.exception_handler(_Busy)
+    async def _busy(request: Request, err: _Busy):
+        metrics.error(request.url.path, "busy")
+        retry = str(math.ceil(err.queue_full.retry_after))
+        return error_response(
+            str(err.queue_full), 429, "rate_limit_error", headers={"Retry-After": retry}
+        )
+
+    routes = {r.path for r in app.routes if "{" not in getattr(r, "path", "{")}
+    return Gate(app, round(config.max_body_mb * 2**20), config.api_key, metrics, routes)
+
+
+class _Busy(Exception):
+    def __init__(self, queue_full: QueueFull) -> None:
+        super().__init__(str(queue_full))
+        self.queue_full = queue_full
+
+
+def _at(err: RequestError, i: int) -> RequestError:
+    return RequestError(
+        f"inputs[{i}]: {err.message}",
+        err.status,
+        f"inputs[{i}].{err.param}" if err.param else f"inputs[{i}]",
+        err.kind,
+    )
+
+
+def _authorized(headers: dict[bytes, bytes], key: str) -> bool:
+    given = headers.get(b"x-api-key")
+    auth = headers.get(b"authorization", b"")
+    if auth[:7].lower() == b"bearer ":
+        given = auth[7:].strip()
+    return given is not None and hmac.compare_digest(given, key.encode())
+
+
+def _predict_openapi(columns) -> dict[str, Any]:
+    """The request body of /v1/predict, described from the bundle's schema."""
+    from modalforge.schema import Modality
+
+    def prop(c, binary: bool) -> dict[str, Any]:
+        if c.modality in (Modality.IMAGE, Modality.AUDIO):
+            return {
+                "type": "string",
+                "format": "binary" if binary else "byte",
+                "description": f"{c.modality.value} file"
+                + ("" if binary else ", base64 or data: URL"),
+            }
+        if c.modality is Modality.TABULAR:
+            return {"type": "number"}
+        if c.modality is Modality.GRAPH:
+            return {"type": "object", "description": "{num_nodes, edges, x?}"}
+        return {"type": "string"}
+
+    def schema(binary: bool) -> dict[str, Any]:
+        return {
+            "type": "object",
+            "properties": {n: prop(c, binary) for n, c in columns.items()},
+            "required": [n for n, c in columns.items() if c.required],
+            "additionalProperties": False,
+        }
+
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {"schema": schema(False)},
+                "multipart/form-data": {"schema": schema(True)},
+            },
+        }
+    }

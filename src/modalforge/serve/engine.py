@@ -1,0 +1,349 @@
+"""The model side of the server: decode -> batch -> predict -> encode, for one bundle.
+
+``Engine.decode`` turns one request's fields into a ``Sample`` with the same ``Featurizer``
+functions training used (so serving cannot drift from training); it runs per request, in a
+worker thread, and raises ``RequestError`` (a 4xx) naming the field at fault. ``Engine.predict``
+runs a whole batch of samples in the inference thread: each encoder once on the rows that have
+its modality, then the fusion head once on ``1 + M`` copies of the batch (all inputs, and each
+input masked out) for the per-modality contributions.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from modalforge.data.errors import DecodeError
+from modalforge.data.manifest import is_missing
+from modalforge.schema import Column, Modality
+
+#: longest audio a request may carry (decoded length; the encoder reads at most its own window)
+MAX_AUDIO_SECONDS = 120.0
+#: audio clips whose lengths differ by more than this factor are encoded in separate sub-batches
+AUDIO_BUCKET_RATIO = 1.25
+
+
+class RequestError(Exception):
+    """A request the server refuses: ``status`` (4xx), a message naming the field and problem."""
+
+    def __init__(
+        self,
+        message: str,
+        status: int = 422,
+        param: str | None = None,
+        kind: str = "invalid_request_error",
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+        self.param = param
+        self.kind = kind
+
+
+@dataclass
+class Sample:
+    """One decoded request: column -> preprocessed item (absent columns are missing)."""
+
+    values: dict[str, Any]
+    decode_seconds: float = 0.0
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+class Engine:
+    """A loaded bundle ready to serve. ``predict`` is not thread-safe: one inference thread."""
+
+    def __init__(self, predictor, name: str | None = None, device: str | None = None) -> None:
+        from modalforge.data.dataset import Featurizer
+
+        self.predictor = predictor
+        bundle = predictor.bundle
+        self.name = name or _default_name(bundle.path if bundle is not None else None)
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model = predictor.model.to(self.device).eval()
+        self.task: str = predictor.task
+        self.labels: list[str] = list(predictor.labels or [])
+        self.inputs: list[Column] = [
+            c for c in predictor.schema.inputs if c.name in self.model.columns
+        ]
+        self.featurizers: dict[str, Featurizer] = {}
+        #: most rows per encoder call, per column (``tune`` measures it; None: no cap)
+        self.chunk_size: dict[str, int | None] = {c.name: None for c in self.inputs}
+        self.tuning: dict[str, Any] = {}
+        for column in self.inputs:
+            feat = predictor._featurizer(column.name)
+            if column.modality is Modality.AUDIO:
+                feat.audio_cfg = type(feat.audio_cfg)(
+                    sample_rate=feat.audio_cfg.sample_rate,
+                    clip_seconds=None,
+                    max_decode_seconds=min(feat.audio_cfg.max_decode_seconds, MAX_AUDIO_SECONDS),
+                )
+            self.featurizers[column.name] = feat
+        files = bundle.files if bundle is not None else {}
+        digest = files.get("model.safetensors", {}).get("sha256", "")
+        self.version = digest[:12] or "unsaved"
+        self.created = int(time.time())
+        self.bundle = bundle
+
+    @classmethod
+    def from_bundle(
+        cls,
+        path: str | Path,
+        name: str | None = None,
+        device: str | None = None,
+        cache_dir: str | Path | None = None,
+    ) -> Engine:
+        from modalforge.predictor import MultimodalPredictor
+
+        return cls(MultimodalPredictor.load(path, cache_dir=cache_dir), name, device)
+
+    # -- describing ---------------------------------------------------------------------------
+    def card(self) -> dict[str, Any]:
+        """What ``GET /v1/models`` says of this model (OpenAI's fields + ours)."""
+        bundle = self.bundle
+        return {
+            "id": self.name,
+            "object": "model",
+            "created": self.created,
+            "owned_by": "modalforge",
+            "task": self.task,
+            "version": self.version,
+            "inputs": [
+                {"name": c.name, "type": c.modality.value, "required": c.required}
+                for c in self.inputs
+            ],
+            "labels": self.labels,
+            "label_column": self.predictor.label,
+            "schema": self.predictor.schema.to_dict(),
+            "metrics": bundle.metrics if bundle is not None else {},
+            "fusion": self.predictor.fusion,
+            "encoders": {c: s.name for c, s in self.predictor.config.inputs.items()},
+        }
+
+    # -- decode (per request, any thread) -----------------------------------------------------
+    def decode(self, fields: Mapping[str, Any]) -> Sample:
+        """Request fields (column -> bytes / str / number / dict) -> a Sample. Raises
+        RequestError naming the field for unknown fields, missing required inputs and values
+        that cannot be decoded."""
+        t0 = time.perf_counter()
+        expected = {c.name for c in self.inputs}
+        unknown = sorted(set(fields) - expected)
+        if unknown:
+            raise RequestError(
+                f"unknown field(s) {unknown}; this model reads {sorted(expected)}", param=unknown[0]
+            )
+        values: dict[str, Any] = {}
+        for column in self.inputs:
+            value = fields.get(column.name)
+            if value is not None and not _empty(value):
+                values[column.name] = self._decode_value(column, value)
+        for column in self.inputs:
+            if column.required and column.name not in values:
+                raise RequestError(
+                    f"{column.name!r} ({column.modality.value}) is required by this model",
+                    param=column.name,
+                )
+        if not values:
+            raise RequestError(f"no inputs: give at least one of {sorted(expected)}")
+        return Sample(values, time.perf_counter() - t0)
+
+    def _decode_value(self, column: Column, value: Any) -> Any:
+        m = column.modality
+        if m in (Modality.IMAGE, Modality.AUDIO) and not isinstance(value, bytes | bytearray):
+            raise RequestError(
+                f"{column.name!r}: expected {m.value} file bytes, got {type(value).__name__}",
+                param=column.name,
+            )
+        if m is Modality.TABULAR and isinstance(value, bool | bytes | bytearray | str):
+            try:
+                value = float(value)
+            except (TypeError, ValueError):
+                raise RequestError(
+                    f"{column.name!r}: expected a number", param=column.name
+                ) from None
+        try:
+            item = self.featurizers[column.name].load(value, None)
+        except DecodeError as err:
+            raise RequestError(f"{column.name!r}: {err}", param=column.name) from None
+        except (ValueError, TypeError) as err:  # tabular / graph parsers
+            raise RequestError(f"{column.name!r}: {err}", param=column.name) from None
+        if m is Modality.TABULAR and not math.isfinite(item):
+            raise RequestError(f"{column.name!r}: expected a finite number", param=column.name)
+        return item
+
+    # -- predict (a batch, the inference thread) ----------------------------------------------
+    def _to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
+        return {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+    def _chunks(self, column: Column, rows: list[int], samples: list[Sample]) -> list[list[int]]:
+        """Rows to encode together: at most ``chunk_size[column]`` per call. Audio: sorted by
+        length, cut where the padding would exceed ``AUDIO_BUCKET_RATIO`` (a batch pads every
+        clip to its longest; a clip's features do not depend on its batch-mates, so this only
+        saves compute)."""
+        cap = self.chunk_size.get(column.name) or len(rows) or 1
+        if column.modality is not Modality.AUDIO or len(rows) < 2:
+            return [rows[i : i + cap] for i in range(0, len(rows), cap)]
+        rows = sorted(rows, key=lambda i: len(samples[i].values[column.name]))
+        chunks, current = [], [rows[0]]
+        shortest = len(samples[rows[0]].values[column.name])
+        for i in rows[1:]:
+            length = len(samples[i].values[column.name])
+            if length > AUDIO_BUCKET_RATIO * max(shortest, 1) or len(current) >= cap:
+                chunks.append(current)
+                current, shortest = [], length
+            current.append(i)
+        chunks.append(current)
+        return chunks
+
+    @torch.inference_mode()
+    def features(
+        self, samples: list[Sample]
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Pooled features (B, D) and presence masks (B,) per column; zeros where missing."""
+        n = len(samples)
+        feats, mask = {}, {}
+        for column in self.inputs:
+            name = column.name
+            encoder = self.model.encoder(name)
+            present = [i for i, s in enumerate(samples) if name in s.values]
+            out = torch.zeros(n, encoder.output_dim, device=self.device)
+            for rows in self._chunks(column, present, samples) if present else []:
+                batch = self.featurizers[name].collate([samples[i].values[name] for i in rows])
+                out[rows] = encoder(self._to_device(batch)).pooled.float()
+            m = torch.zeros(n, dtype=torch.bool, device=self.device)
+            m[present] = True
+            feats[name], mask[name] = out, m
+        return feats, mask
+
+    @torch.inference_mode()
+    def predict(self, samples: list[Sample]) -> list[dict[str, Any]]:
+        """A batch of samples -> one result dict each (label, probabilities, contributions)."""
+        feats, mask = self.features(samples)
+        columns = [c.name for c in self.inputs]
+        n, k = len(samples), 1 + len(columns)
+        # copy 0: every input; copy j: input j masked out
+        tiled = {c: f.repeat(k, 1) for c, f in feats.items()}
+        tiled_mask = {}
+        for j, c in enumerate(columns):
+            m = mask[c].repeat(k)
+            m[(j + 1) * n : (j + 2) * n] = False
+            tiled_mask[c] = m
+        out = self.model({}, tiled_mask, features=tiled)
+        raw = out.outputs.float()
+        values = raw.softmax(-1) if self.task == "classification" else raw
+        values = values.cpu().numpy().reshape(k, n, -1)
+        weights = None if out.weights is None else out.weights[:n].float().cpu().numpy()
+        present = {c: mask[c].cpu().numpy() for c in columns}
+        return [self._result(i, values, weights, present, columns) for i in range(n)]
+
+    def _result(self, i: int, values: np.ndarray, weights, present, columns) -> dict[str, Any]:
+        used = [c for c in columns if present[c][i]]
+        base = values[0, i]
+        if self.task == "classification":
+            pred = int(base.argmax())
+            score = lambda v: float(v[pred])  # noqa: E731
+            result: dict[str, Any] = {
+                "label": self.labels[pred],
+                "confidence": float(base[pred]),
+                "probabilities": {
+                    name: float(p) for name, p in zip(self.labels, base, strict=True)
+                },
+            }
+        else:
+            score = lambda v: float(v[0])  # noqa: E731
+            result = {"prediction": float(base[0])}
+        result["modalities"] = used
+        # contribution: the prediction's score with every input minus without this one
+        result["contributions"] = {
+            c: round(score(base) - score(values[j + 1, i]), 6) if present[c][i] else None
+            for j, c in enumerate(columns)
+        }
+        if weights is not None:
+            result["fusion_weights"] = {
+                c: round(float(w), 6) for c, w in zip(columns, weights[i], strict=True)
+            }
+        return result
+
+    def warmup(self, max_batch: int = 32, tune: bool = True) -> None:
+        """Pay one-off costs (lazy imports, allocator, kernels) before the first request, and
+        with ``tune`` measure how to run this model's encoders on this machine."""
+        sample = Sample({c.name: self.featurizers[c.name].placeholder() for c in self.inputs})
+        for size in (1, 2):
+            self.predict([sample] * size)
+        if tune:
+            self.tune(max_batch)
+
+    @torch.inference_mode()
+    def tune(self, max_batch: int = 32) -> dict[str, Any]:
+        """Two measured choices, recorded in ``self.tuning``:
+
+        * text with a Hugging Face tokenizer is padded to the batch's longest text instead of
+          the bundle's fixed length when the two give the same pooled features (attention masks
+          make them equal up to float rounding; checked here to 1e-4) -- short texts then cost
+          a fraction of 64 tokens;
+        * images are encoded in chunks of the size with the lowest time per image: on CPUs a
+          large batch of depthwise convolutions can be slower per image than a small one.
+        """
+        for column in self.inputs:
+            feat, encoder = self.featurizers[column.name], self.model.encoder(column.name)
+            if (
+                column.modality is Modality.TEXT
+                and feat.preprocessing.get("tokenizer") != "word_vocab"
+            ):
+                self.tuning[column.name] = self._tune_padding(feat, encoder)
+            elif column.modality is Modality.IMAGE and max_batch > 1:
+                item = feat.placeholder()
+                timings = {}
+                size = 1
+                while size <= max_batch:
+                    batch = self._to_device(feat.collate([item] * size))
+                    encoder(batch)  # warm this shape
+                    t0 = time.perf_counter()
+                    encoder(batch)
+                    timings[size] = (time.perf_counter() - t0) / size
+                    size *= 2
+                best = min(timings, key=timings.get)
+                self.chunk_size[column.name] = best
+                self.tuning[column.name] = {
+                    "chunk_size": best,
+                    "ms_per_image": {k: round(1000 * v, 3) for k, v in timings.items()},
+                }
+        return self.tuning
+
+    def _tune_padding(self, feat, encoder) -> dict[str, Any]:
+        from dataclasses import replace
+
+        if feat.text_cfg.padding == "longest":
+            return {"padding": "longest"}
+        texts = ["a short one", "a somewhat longer sentence, with a comma and more words in it"]
+        fixed = encoder(self._to_device(feat.collate(texts))).pooled
+        original = feat.text_cfg
+        feat.text_cfg = replace(original, padding="longest")
+        longest = encoder(self._to_device(feat.collate(texts))).pooled
+        diff = float((fixed - longest).abs().max())
+        if not diff <= 1e-4:
+            feat.text_cfg = original
+        return {"padding": feat.text_cfg.padding, "max_abs_diff_vs_fixed": diff}
+
+
+def _empty(value: Any) -> bool:
+    if isinstance(value, bytes | bytearray | str):
+        return len(value) == 0
+    try:
+        return bool(is_missing(value))
+    except (TypeError, ValueError):
+        return False
+
+
+def _default_name(path: Path | None) -> str:
+    """The bundle folder's name; for ``RUN/bundle``, the run's name."""
+    if path is None:
+        return "model"
+    path = Path(path).resolve()
+    return path.parent.name if path.name == "bundle" and path.parent.name else path.name

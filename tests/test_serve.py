@@ -1,0 +1,553 @@
+"""The HTTP service: every route in-process (TestClient) and against a real uvicorn process on
+127.0.0.1, the Python client, the official ``openai`` package, and 200 malformed requests."""
+
+import base64
+import concurrent.futures
+import json
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+import zlib
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pandas as pd
+import pytest
+from fastapi.testclient import TestClient
+
+from modalforge.client import Client, ServerError
+from modalforge.models import EncoderSpec
+from modalforge.predictor import FitConfig, MultimodalPredictor
+from modalforge.schema import Schema
+from modalforge.serve import Engine, ServeConfig, create_app
+from modalforge.train.module import OptimConfig
+
+from .conftest import png_bytes, sine, wav_bytes
+
+TINY = {
+    "image": EncoderSpec("cnn", {"widths": (8, 16), "image_size": 30}),
+    "text": EncoderSpec("bag_of_embeddings", {"embed_dim": 16}),
+    "audio": EncoderSpec("audio_cnn", {"n_mels": 32, "channels": (8, 16), "output_dim": 16}),
+}
+COLORS = {"r": (220, 30, 30), "g": (30, 220, 30), "b": (30, 30, 220)}
+WORDS = {"r": "red apple", "g": "green leaf", "b": "blue sea"}
+PITCH = {"r": 300, "g": 600, "b": 900}
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory) -> Path:
+    """A tiny image + text + audio classifier whose three inputs are all optional."""
+    root = tmp_path_factory.mktemp("serve")
+    (root / "img").mkdir()
+    (root / "aud").mkdir()
+    rows = []
+    for i in range(60):
+        c = "rgb"[i % 3]
+        (root / "img" / f"{i}.png").write_bytes(png_bytes((30, 30), COLORS[c]))
+        (root / "aud" / f"{i}.wav").write_bytes(wav_bytes(sine(PITCH[c], 0.25)))
+        rows.append(
+            {
+                "image": f"img/{i}.png",
+                "text": f"a {WORDS[c]} {i}",
+                "audio": f"aud/{i}.wav",
+                "label": c,
+            }
+        )
+    pd.DataFrame(rows).to_csv(root / "manifest.csv", index=False)
+    schema = Schema.from_specs(["image=image?", "text=text?", "audio=audio?", "label=label"])
+    p = MultimodalPredictor(
+        label="label",
+        fusion="attention",
+        encoders=TINY,
+        hidden=32,
+        schema=schema,
+        cache_dir=root / "cache",
+        fit_config=FitConfig(
+            epochs=12, batch_size=16, patience=20, optim=OptimConfig(lr=3e-3, modality_dropout=0.4)
+        ),
+    )
+    p.fit(root / "manifest.csv", out_dir=root / "run", progress=False)
+    p.save(root / "toy")
+    return root / "toy"
+
+
+@pytest.fixture(scope="module")
+def engine(bundle) -> Engine:
+    return Engine.from_bundle(bundle, cache_dir=bundle.parent / "cache")
+
+
+@pytest.fixture
+def client(engine):
+    with TestClient(create_app(engine, ServeConfig(max_body_mb=1))) as c:
+        yield c
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+RED = png_bytes((30, 30), COLORS["r"])
+TONE = wav_bytes(sine(PITCH["b"], 0.25))
+
+
+# -- predict ------------------------------------------------------------------------------------
+def test_predict_json_and_multipart_agree_with_the_python_predictor(client, bundle):
+    j = client.post(
+        "/v1/predict", json={"image": b64(RED), "text": "a red apple", "audio": b64(TONE)}
+    )
+    assert j.status_code == 200, j.text
+    body = j.json()
+    assert body["model"] == "toy" and len(body["version"]) == 12
+    assert body["label"] in "rgb" and set(body["probabilities"]) == {"r", "g", "b"}
+    assert abs(sum(body["probabilities"].values()) - 1) < 1e-5
+    assert body["modalities"] == ["audio", "image", "text"]
+    assert set(body["contributions"]) == {"audio", "image", "text"}
+    assert set(body["fusion_weights"]) == {"audio", "image", "text"}
+
+    m = client.post(
+        "/v1/predict",
+        files={"image": ("x.png", RED, "image/png"), "audio": ("x.wav", TONE, "audio/wav")},
+        data={"text": "a red apple"},
+    )
+    assert m.status_code == 200 and m.json()["probabilities"] == pytest.approx(
+        body["probabilities"], abs=1e-6
+    )
+
+    # the server reads inputs exactly as training and `modalforge predict` do
+    folder = bundle.parent / "same"
+    folder.mkdir(exist_ok=True)
+    (folder / "x.png").write_bytes(RED)
+    (folder / "x.wav").write_bytes(TONE)
+    table = MultimodalPredictor.load(bundle, cache_dir=bundle.parent / "cache").predict(
+        [{"image": "x.png", "text": "a red apple", "audio": "x.wav"}], root=folder
+    )
+    for c in "rgb":
+        assert table[f"p:{c}"][0] == pytest.approx(body["probabilities"][c], abs=1e-5)
+    for col in ("audio", "image", "text"):
+        assert table[f"contribution:{col}"][0] == pytest.approx(
+            body["contributions"][col], abs=1e-5
+        )
+
+
+def test_missing_modalities_are_masked_not_refused(client):
+    r = client.post("/v1/predict", json={"image": b64(RED)})
+    assert r.status_code == 200
+    body = r.json()
+    assert body["modalities"] == ["image"]
+    assert body["contributions"]["text"] is None and body["contributions"]["audio"] is None
+    assert body["label"] == "r"  # the colour alone decides this toy task
+    data_url = "data:image/png;base64," + b64(RED)
+    assert client.post("/v1/predict", json={"image": data_url}).json()["label"] == "r"
+
+
+def test_batch_equals_single_predictions_and_names_the_bad_item(client):
+    items = [{"image": b64(RED)}, {"text": "a green leaf"}, {"audio": b64(TONE), "text": "sea"}]
+    r = client.post("/v1/predict/batch", json={"inputs": items})
+    assert r.status_code == 200
+    batch = r.json()["predictions"]
+    for item, got in zip(items, batch, strict=True):
+        one = client.post("/v1/predict", json=item).json()
+        assert got["probabilities"] == pytest.approx(one["probabilities"], abs=1e-5)
+    bad = client.post("/v1/predict/batch", json={"inputs": [items[0], {"image": "%%%"}]})
+    assert bad.status_code == 422 and bad.json()["error"]["param"] == "inputs[1].image"
+    assert "invalid base64" in bad.json()["error"]["message"]
+    for body in ({"inputs": []}, {"inputs": {}}, {"rows": [items[0]]}, [items[0]]):
+        r = client.post("/v1/predict/batch", json=body)
+        assert r.status_code == 422, body
+
+
+# -- describe and operate -------------------------------------------------------------------------
+def test_models_health_ready_metrics_docs_and_playground(client):
+    models = client.get("/v1/models").json()
+    assert models["object"] == "list" and len(models["data"]) == 1
+    card = models["data"][0]
+    assert card["id"] == "toy" and card["object"] == "model" and card["owned_by"] == "modalforge"
+    assert card["labels"] == ["b", "g", "r"] and card["task"] == "classification"
+    assert {c["name"]: c["required"] for c in card["inputs"]} == {
+        "audio": False,
+        "image": False,
+        "text": False,
+    }
+    assert "accuracy" in card["metrics"] or card["metrics"] == {}
+    assert client.get("/v1/models/toy").json()["id"] == "toy"
+    assert client.get("/v1/models/other").status_code == 404
+
+    assert client.get("/healthz").json() == {"status": "ok"}
+    assert client.get("/readyz").json()["status"] == "ready"
+
+    client.post("/v1/predict", json={"text": "red"})
+    client.post("/v1/predict", content=b"x", headers={"content-type": "text/plain"})
+    text = client.get("/metrics").text
+    for name in (
+        "modalforge_requests_total",
+        "modalforge_request_seconds_bucket",
+        "modalforge_batch_size_bucket",
+        "modalforge_queue_depth",
+        "modalforge_errors_total",
+        "modalforge_batches_total",
+    ):
+        assert name in text, name
+    assert 'modalforge_requests_total{route="/v1/predict",status="415"} 1.0' in text
+
+    spec = client.get("/openapi.json").json()
+    body = spec["paths"]["/v1/predict"]["post"]["requestBody"]["content"]
+    assert set(body) == {"application/json", "multipart/form-data"}
+    assert set(body["application/json"]["schema"]["properties"]) == {"audio", "image", "text"}
+    assert client.get("/docs").status_code == 200
+    page = client.get("/")
+    assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+
+
+def test_api_key(engine):
+    with TestClient(create_app(engine, ServeConfig(api_key="s3cret"))) as c:
+        r = c.get("/v1/models")
+        assert r.status_code == 401 and "API key" in r.json()["error"]["message"]
+        assert c.get("/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        assert c.get("/v1/models", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+        assert c.get("/v1/models", headers={"X-API-Key": "s3cret"}).status_code == 200
+        assert c.post("/v1/predict", json={"text": "x"}).status_code == 401
+        assert c.get("/healthz").status_code == 200 and c.get("/").status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("body", "headers", "status", "words"),
+    [
+        (b"", {"content-type": "application/json"}, 400, "empty body"),
+        (b"{", {"content-type": "application/json"}, 400, "invalid JSON"),
+        (b'{"text": "\xff"}', {"content-type": "application/json"}, 400, "not valid UTF-8"),
+        (b'"just a string"', {"content-type": "application/json"}, 422, "JSON object"),
+        (b"text=hi", {"content-type": "application/x-www-form-urlencoded"}, 415, "content type"),
+        (b"hi", {}, 415, "content type"),
+        (b'{"colour": "red"}', {"content-type": "application/json"}, 422, "unknown field"),
+        (b'{"image": 12}', {"content-type": "application/json"}, 422, "base64"),
+        (
+            b'{"image": "http://example.com/x.png"}',
+            {"content-type": "application/json"},
+            422,
+            "not fetched",
+        ),
+        (b'{"text": ["a"]}', {"content-type": "application/json"}, 422, "expected a string"),
+        (b"{}", {"content-type": "application/json"}, 422, "no inputs"),
+        (b"--x\r\nno headers\r\n", {"content-type": "multipart/form-data"}, 400, "boundary"),
+        (b"garbage", {"content-type": "multipart/form-data; boundary=x"}, 400, "multipart"),
+        (
+            b"{}",
+            {"content-type": "application/json", "content-length": "abc"},
+            400,
+            "Content-Length",
+        ),
+    ],
+)
+def test_bad_requests_get_a_4xx_that_names_the_problem(client, body, headers, status, words):
+    r = client.post("/v1/predict", content=body, headers=headers)
+    assert r.status_code == status, r.text
+    assert words in r.json()["error"]["message"]
+
+
+def test_body_limit_413(client):
+    big = b"0" * (2 * 2**20)
+    r = client.post("/v1/predict", content=big, headers={"content-type": "application/json"})
+    assert r.status_code == 413 and "over the limit" in r.json()["error"]["message"]
+    assert client.get("/healthz").status_code == 200
+
+
+def test_backpressure_429_and_timeout_504(engine, monkeypatch):
+    original = engine.predict
+
+    def slow(samples):
+        time.sleep(0.3)
+        return original(samples)
+
+    with TestClient(create_app(engine, ServeConfig(max_queue=2, max_batch=1))) as c:
+        monkeypatch.setattr(engine, "predict", slow)
+        c.app.state.batcher.fn = slow
+        with concurrent.futures.ThreadPoolExecutor(6) as pool:
+            codes = list(pool.map(lambda _: c.post("/v1/predict", json={"text": "x"}), range(6)))
+        statuses = sorted(r.status_code for r in codes)
+        assert 200 in statuses and 429 in statuses and set(statuses) <= {200, 429}
+        busy = next(r for r in codes if r.status_code == 429)
+        assert int(busy.headers["Retry-After"]) >= 1 and "busy" in busy.json()["error"]["message"]
+    with TestClient(create_app(engine, ServeConfig(request_timeout_s=0.05))) as c:
+        c.app.state.batcher.fn = slow
+        r = c.post("/v1/predict", json={"text": "x"})
+        assert r.status_code == 504 and "no result within" in r.json()["error"]["message"]
+
+
+# -- a real server ------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(bundle):
+    """`modalforge serve` in its own process on 127.0.0.1."""
+    port = free_port()
+    env = {**os.environ, "MODALFORGE_CACHE": str(bundle.parent / "mfcache")}
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "modalforge.cli",
+            "serve",
+            str(bundle),
+            "--port",
+            str(port),
+            "--max-body-mb",
+            "1",
+            "--log-level",
+            "warning",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        try:
+            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None:
+            raise RuntimeError(proc.stdout.read().decode())
+        time.sleep(0.2)
+    else:
+        proc.kill()
+        raise RuntimeError("the server did not become ready")
+    yield url, proc
+    if proc.poll() is None:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_every_route_over_real_http(server):
+    url, _ = server
+    with httpx.Client(base_url=url, timeout=30) as h:
+        assert h.get("/healthz").json() == {"status": "ok"}
+        assert h.get("/readyz").status_code == 200
+        assert h.get("/v1/models").json()["data"][0]["id"] == "toy"
+        assert h.get("/v1/models/toy").status_code == 200
+        r = h.post("/v1/predict", files={"image": ("r.png", RED, "image/png")})
+        assert r.status_code == 200 and r.json()["label"] == "r"
+        r = h.post("/v1/predict", json={"image": b64(RED), "audio": b64(TONE)})
+        assert r.status_code == 200
+        r = h.post("/v1/predict/batch", json={"inputs": [{"image": b64(RED)}] * 5})
+        assert [p["label"] for p in r.json()["predictions"]] == ["r"] * 5
+        assert "modalforge_batches_total" in h.get("/metrics").text
+        assert h.get("/openapi.json").status_code == 200 and h.get("/docs").status_code == 200
+        assert "<html" in h.get("/").text.lower()
+        assert h.get("/nope").status_code == 404
+
+
+def test_python_client(server, tmp_path):
+    url, _ = server
+    (tmp_path / "r.png").write_bytes(RED)
+    with Client(url) as c:
+        assert c.health() and c.ready()
+        assert c.models()[0]["id"] == "toy"
+        red_tone = wav_bytes(sine(PITCH["r"], 0.25))
+        one = c.predict(image=tmp_path / "r.png", text="a red apple", audio=red_tone)
+        assert one["label"] == "r" and one["modalities"] == ["audio", "image", "text"]
+        assert c.predict(text="a blue sea")["modalities"] == ["text"]
+        many = c.predict_batch([{"image": tmp_path / "r.png"}, {"text": "green leaf"}])
+        assert len(many) == 2 and many[0]["label"] == "r"
+        with pytest.raises(ServerError) as info:
+            c.predict(image=b"not a png")
+        assert info.value.status == 422 and info.value.param == "image"
+        with pytest.raises(ValueError, match="no tabular input"):
+            c.predict(tabular=1.0)
+
+
+def test_openai_package_lists_the_model(server):
+    openai = pytest.importorskip("openai")
+    url, _ = server
+    models = openai.OpenAI(base_url=f"{url}/v1", api_key="unused").models.list()
+    assert [m.id for m in models.data] == ["toy"]
+    assert models.data[0].owned_by == "modalforge"
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A PNG signature + IHDR for width x height, and no pixel data worth the name."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+        + chunk(b"IEND", b"")
+    )
+
+
+def lying_wav() -> bytes:
+    data = bytearray(wav_bytes(sine(440, 0.2)))
+    i = data.index(b"data")
+    data[i + 4 : i + 8] = (10**9).to_bytes(4, "little")
+    return bytes(data)
+
+
+def malformed_requests() -> list[tuple[str, dict]]:
+    """(what, httpx request kwargs) — every kind the serving issue names, and a few more."""
+    js = {"content-type": "application/json"}
+    return [
+        ("truncated png", {"files": {"image": ("t.png", RED[: len(RED) // 2], "image/png")}}),
+        ("truncated png b64", {"json": {"image": b64(RED[:40])}}),
+        ("wrong content type", {"content": b"image=1", "headers": {"content-type": "text/csv"}}),
+        ("no content type", {"content": b"{}"}),
+        ("invalid base64", {"json": {"image": "@@@not base64@@@"}}),
+        ("empty body", {"content": b"", "headers": js}),
+        ("over the limit", {"content": b"x" * (1 * 2**20 + 10), "headers": js}),
+        (
+            "50k x 50k header",
+            {"files": {"image": ("big.png", png_claiming(50_000, 50_000), "image/png")}},
+        ),
+        ("non-utf-8 text", {"files": {"text": ("t.txt", "café".encode("latin-1"), "text/plain")}}),
+        ("non-utf-8 json", {"content": b'{"text": "caf\xe9"}', "headers": js}),
+        ("lying wav", {"files": {"audio": ("a.wav", lying_wav(), "audio/wav")}}),
+        ("unknown fields", {"json": {"image": b64(RED), "colour": "red"}}),
+        ("unknown multipart field", {"files": {"photo": ("r.png", RED, "image/png")}}),
+        ("not an image", {"files": {"image": ("x.png", b"GIF89a" + b"\0" * 20, "image/png")}}),
+        ("audio that is text", {"json": {"audio": b64(b"hello, I am not audio")}}),
+        ("wrong json type", {"json": [1, 2, 3]}),
+        ("broken json", {"content": b'{"text": ', "headers": js}),
+        (
+            "bad boundary",
+            {
+                "content": b"--zz\r\n\r\n",
+                "headers": {"content-type": "multipart/form-data; boundary=qq"},
+            },
+        ),
+        (
+            "duplicate field",
+            {
+                "content": b'--b\r\nContent-Disposition: form-data; name="text"\r\n\r\na\r\n--b\r\nContent-Disposition: form-data; name="text"\r\n\r\nb\r\n--b--\r\n',
+                "headers": {"content-type": "multipart/form-data; boundary=b"},
+            },
+        ),
+        ("empty text only", {"json": {"text": "   "}}),
+    ]
+
+
+def rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError("no VmRSS")
+
+
+def test_200_malformed_requests_get_4xx_and_the_server_stays_up_with_flat_memory(server):
+    url, proc = server
+    cases = malformed_requests()
+    answers = {}
+    with httpx.Client(base_url=url, timeout=30) as h:
+
+        def send_all(rounds: int) -> None:
+            for _ in range(rounds):
+                for what, kwargs in cases:
+                    r = h.post("/v1/predict", **kwargs)
+                    answers.setdefault(what, set()).add(
+                        (r.status_code, r.json()["error"]["message"])
+                    )
+
+        send_all(2)  # warm-up: first-use allocations are not a leak
+        before = rss_kb(proc.pid)
+        send_all(10)  # 10 x 20 = 200 malformed requests
+        after = rss_kb(proc.pid)
+        assert h.get("/healthz").status_code == 200
+        ok = h.post("/v1/predict", files={"image": ("r.png", RED, "image/png")})
+        assert ok.status_code == 200 and ok.json()["label"] == "r"
+    assert proc.poll() is None
+    for what, seen in answers.items():
+        assert all(400 <= code < 500 for code, _ in seen), (what, seen)
+    expected = {
+        "truncated png": "image",
+        "invalid base64": "base64",
+        "empty body": "empty",
+        "over the limit": "limit",
+        "50k x 50k header": "too large",
+        "non-utf-8 text": "UTF-8",
+        "lying wav": "lies about its length",
+        "unknown fields": "colour",
+        "wrong content type": "content type",
+    }
+    for what, words in expected.items():
+        assert all(words in message for _, message in answers[what]), (what, answers[what])
+    assert after - before < 20_000, f"RSS grew {after - before} kB over 200 malformed requests"
+
+
+def test_sigterm_finishes_requests_in_flight(bundle):
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "modalforge.cli",
+            "serve",
+            str(bundle),
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(300):
+            try:
+                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        # a request still uploading when SIGTERM arrives: half the body, the signal, the rest
+        data = json.dumps({"inputs": [{"image": b64(RED)}, {"audio": b64(TONE)}] * 4}).encode()
+        half_sent, go_on = threading.Event(), threading.Event()
+
+        def body():
+            yield data[: len(data) // 2]
+            half_sent.set()
+            go_on.wait(10)
+            yield data[len(data) // 2 :]
+
+        headers = {"content-type": "application/json", "content-length": str(len(data))}
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(
+                httpx.post, f"{url}/v1/predict/batch", content=body(), headers=headers, timeout=60
+            )
+            assert half_sent.wait(10)
+            time.sleep(0.2)
+            proc.send_signal(signal.SIGTERM)
+            time.sleep(0.5)
+            assert proc.poll() is None  # still draining
+            go_on.set()
+            r = pending.result()
+        assert r.status_code == 200 and len(r.json()["predictions"]) == 8
+        # uvicorn re-raises the signal once it has shut down cleanly
+        assert proc.wait(timeout=30) in (0, -signal.SIGTERM)
+        assert b"Traceback" not in proc.stdout.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_engine_tuning_keeps_features(engine):
+    tuning = engine.tune(max_batch=8)
+    assert tuning["image"]["chunk_size"] in (1, 2, 4, 8)
+    images = [engine.decode({"image": png_bytes((30, 30), (i * 20, 0, 0))}) for i in range(11)]
+    feats, _ = engine.features(images)
+    one_by_one = np.concatenate([engine.features([s])[0]["image"].numpy() for s in images])
+    np.testing.assert_allclose(feats["image"].numpy(), one_by_one, atol=1e-5)
