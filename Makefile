@@ -17,7 +17,8 @@ QUIET_PIP := 2>&1 | { grep -v "is ignored: it is neither a file nor a directory"
 .PHONY: all install system-deps lint format test test-fast demo lock clean help
 
 help:
-	@echo "make demo    create .venv, install, build emoji, train, evaluate, bundle, predict (QUICK=1: smoke test)"
+	@echo "make demo    create .venv, install, build emoji, train, evaluate, bundle, predict, then serve it on"
+	@echo "             127.0.0.1:8000 (QUICK=1: smoke test; SERVE=0: stop before serving)"
 	@echo "make test    create .venv if needed, install, lint, run the test suite"
 	@echo "make lint    ruff check + ruff format --check"
 	@echo "make format  apply ruff's fixes and formatting"
@@ -69,8 +70,9 @@ format: $(STAMP)
 test: install lint
 	$(BIN)/python -m pytest -q
 
-# QUICK=1: image + text only, 64-px images, 5 epochs (the smoke test)
+# QUICK=1: image + text only, 64-px images, 5 epochs (the smoke test); SERVE=0: do not serve
 QUICK ?=
+SERVE ?= 1
 DEMO_CONFIG := configs/demo-emoji$(if $(QUICK),-quick,).yaml
 DEMO_RUN := runs/demo$(if $(QUICK),-quick,)
 
@@ -86,6 +88,11 @@ demo: install
 	@echo "  report    $(DEMO_RUN)/report/report.html"
 	@echo "  bundle    $(DEMO_RUN)/bundle"
 	@echo "  logs      $(DEMO_RUN)/logs/metrics.csv, $(DEMO_RUN)/tensorboard"
+ifneq ($(SERVE),0)
+	@echo
+	@echo "serving the demo bundle: open http://127.0.0.1:8000/ (the playground); Ctrl-C stops it"
+	$(BIN)/modalforge serve $(DEMO_RUN)/bundle --host 127.0.0.1 --port 8000
+endif
 
 lock:
 	rm -rf /tmp/modalforge-lock && $(PY) -m venv /tmp/modalforge-lock

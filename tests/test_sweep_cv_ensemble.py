@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 from modalforge.cli import app
 from modalforge.evaluate import classification_metrics
 from modalforge.predictor import MultimodalPredictor
+from modalforge.schema import SchemaError
 from modalforge.train.crossval import assign_folds, cross_validate
 from modalforge.train.ensemble import EnsemblePredictor, train_ensemble
 from modalforge.train.run import RunOptions
@@ -177,3 +178,10 @@ def test_cli_sweep_runs_from_flags_and_config(toy, tmp_path):
     assert pd.read_csv(out / "sweep.csv")["name"].tolist() == ["concat"]
     bad = CliRunner().invoke(app, [*args[:-4], "--fusions", "nope", "--out", str(out)])
     assert bad.exit_code == 1 and "unknown fusion" in bad.output
+
+
+def test_config_schema_marks_inputs_optional(toy, tmp_path):
+    p = options(toy, tmp_path, schema={"image": "image?", "text": "text"}).predictor()
+    assert not p.declared_schema["image"].required and p.declared_schema["text"].required
+    with pytest.raises(SchemaError, match="unknown type 'sound'"):
+        options(toy, tmp_path, schema={"image": "sound"}).predictor()

@@ -38,6 +38,9 @@ class RunOptions:
     encoder_kwargs: dict[str, dict[str, Any]] = field(default_factory=dict)
     finetune: str | None = None  # frozen | top:N | full; None: pretrained frozen, others full
     columns: list[str] | None = None
+    # column -> type, "?" = optional (may be missing at prediction time), e.g. {"audio": "audio?"};
+    # columns not named here are inferred
+    schema: dict[str, str] | None = None
     hidden: int = 256
     epochs: int = 30
     batch_size: int = 64
@@ -103,9 +106,15 @@ class RunOptions:
                         accelerator=self.accelerator, devices=self.devices, strategy=self.strategy,
                         num_nodes=self.num_nodes, precision=self.precision, optim=optim,
                         augment=DEFAULT_AUGMENT if self.augment else Augment())  # fmt: skip
+        from modalforge.schema import Schema
+
+        schema = None
+        if self.schema:
+            schema = Schema.from_specs(f"{name}={kind}" for name, kind in self.schema.items())
         return MultimodalPredictor(label=self.label, task=self.task, fusion=self.fusion,
                                    fusion_kwargs=self.fusion_kwargs, encoders=specs,
-                                   columns=self.columns, hidden=self.hidden, fit_config=fit,
+                                   columns=self.columns, schema=schema, hidden=self.hidden,
+                                   fit_config=fit,
                                    cache_dir=self.cache_dir,
                                    on_bad_row=self.on_bad_row)  # fmt: skip
 
