@@ -153,3 +153,24 @@ def test_word_vocabulary_is_part_of_the_cache_key(toy, tmp_path):
         assert sum(s["hits"] for s in p.history["cache"].values()) == 0
         ids.append(p.model.encoder("text").encoder_id)
     assert ids[0] != ids[1]
+
+
+def test_only_pretrained_encoders_take_the_small_fine_tuning_steps():
+    from types import SimpleNamespace
+
+    from modalforge.models import ModelConfig, build_model
+    from modalforge.train.module import MultimodalModule, OptimConfig
+
+    text = EncoderSpec("bag_of_embeddings", {"embed_dim": 16, "vocab_size": 50})
+    config = ModelConfig(task="classification", inputs={"image": TINY["image"], "text": text},
+                         num_outputs=3, fusion="concat", hidden=16)  # fmt: skip
+    model = build_model(config)
+    model.encoder("text").weights_id = "package:some-pretrained-text-model"  # as if loaded
+    module = MultimodalModule(model, "classification", OptimConfig(lr=1e-3, encoder_lr=1e-5))
+    module._trainer = SimpleNamespace(estimated_stepping_batches=10)
+    groups = module.configure_optimizers()["optimizer"].param_groups
+    by_lr = {g["initial_lr"]: {id(p) for p in g["params"]} for g in groups}
+    text_ids = {id(p) for p in model.encoder("text").parameters()}
+    image_ids = {id(p) for p in model.encoder("image").parameters()}
+    assert by_lr[1e-5] == text_ids  # fine-tuned pretrained encoder: small steps
+    assert image_ids <= by_lr[1e-3]  # from scratch: learns at the head's rate

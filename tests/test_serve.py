@@ -4,12 +4,8 @@
 import base64
 import concurrent.futures
 import json
-import os
 import signal
-import socket
 import struct
-import subprocess
-import sys
 import threading
 import time
 import zlib
@@ -17,64 +13,21 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-import pandas as pd
 import pytest
 from fastapi.testclient import TestClient
 
 from modalforge.client import Client, ServerError
-from modalforge.models import EncoderSpec
-from modalforge.predictor import FitConfig, MultimodalPredictor
-from modalforge.schema import Schema
+from modalforge.predictor import MultimodalPredictor
 from modalforge.serve import Engine, ServeConfig, create_app
-from modalforge.train.module import OptimConfig
 
 from .conftest import png_bytes, sine, wav_bytes
-
-TINY = {
-    "image": EncoderSpec("cnn", {"widths": (8, 16), "image_size": 30}),
-    "text": EncoderSpec("bag_of_embeddings", {"embed_dim": 16}),
-    "audio": EncoderSpec("audio_cnn", {"n_mels": 32, "channels": (8, 16), "output_dim": 16}),
-}
-COLORS = {"r": (220, 30, 30), "g": (30, 220, 30), "b": (30, 30, 220)}
-WORDS = {"r": "red apple", "g": "green leaf", "b": "blue sea"}
-PITCH = {"r": 300, "g": 600, "b": 900}
+from .serving import COLORS, PITCH, running_server, start_server, stop_server, train_toy_bundle
 
 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory) -> Path:
     """A tiny image + text + audio classifier whose three inputs are all optional."""
-    root = tmp_path_factory.mktemp("serve")
-    (root / "img").mkdir()
-    (root / "aud").mkdir()
-    rows = []
-    for i in range(60):
-        c = "rgb"[i % 3]
-        (root / "img" / f"{i}.png").write_bytes(png_bytes((30, 30), COLORS[c]))
-        (root / "aud" / f"{i}.wav").write_bytes(wav_bytes(sine(PITCH[c], 0.25)))
-        rows.append(
-            {
-                "image": f"img/{i}.png",
-                "text": f"a {WORDS[c]} {i}",
-                "audio": f"aud/{i}.wav",
-                "label": c,
-            }
-        )
-    pd.DataFrame(rows).to_csv(root / "manifest.csv", index=False)
-    schema = Schema.from_specs(["image=image?", "text=text?", "audio=audio?", "label=label"])
-    p = MultimodalPredictor(
-        label="label",
-        fusion="attention",
-        encoders=TINY,
-        hidden=32,
-        schema=schema,
-        cache_dir=root / "cache",
-        fit_config=FitConfig(
-            epochs=12, batch_size=16, patience=20, optim=OptimConfig(lr=3e-3, modality_dropout=0.4)
-        ),
-    )
-    p.fit(root / "manifest.csv", out_dir=root / "run", progress=False)
-    p.save(root / "toy")
-    return root / "toy"
+    return train_toy_bundle(tmp_path_factory.mktemp("serve"))
 
 
 @pytest.fixture(scope="module")
@@ -280,53 +233,11 @@ def test_backpressure_429_and_timeout_504(engine, monkeypatch):
 
 
 # -- a real server ------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(bundle):
     """`modalforge serve` in its own process on 127.0.0.1."""
-    port = free_port()
-    env = {**os.environ, "MODALFORGE_CACHE": str(bundle.parent / "mfcache")}
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "modalforge.cli",
-            "serve",
-            str(bundle),
-            "--port",
-            str(port),
-            "--max-body-mb",
-            "1",
-            "--log-level",
-            "warning",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        env=env,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 90
-    while time.time() < deadline:
-        try:
-            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None:
-            raise RuntimeError(proc.stdout.read().decode())
-        time.sleep(0.2)
-    else:
-        proc.kill()
-        raise RuntimeError("the server did not become ready")
-    yield url, proc
-    if proc.poll() is None:
-        proc.terminate()
-        proc.wait(timeout=30)
+    with running_server(bundle, "--max-body-mb", "1") as running:
+        yield running
 
 
 def test_every_route_over_real_http(server):
@@ -437,7 +348,7 @@ def malformed_requests() -> list[tuple[str, dict]]:
                 "headers": {"content-type": "multipart/form-data; boundary=b"},
             },
         ),
-        ("empty text only", {"json": {"text": "   "}}),
+        ("blank text only", {"json": {"text": "   "}}),
     ]
 
 
@@ -489,30 +400,8 @@ def test_200_malformed_requests_get_4xx_and_the_server_stays_up_with_flat_memory
 
 
 def test_sigterm_finishes_requests_in_flight(bundle):
-    port = free_port()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "modalforge.cli",
-            "serve",
-            str(bundle),
-            "--port",
-            str(port),
-            "--log-level",
-            "warning",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
+    url, proc = start_server(bundle)
     try:
-        for _ in range(300):
-            try:
-                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
         # a request still uploading when SIGTERM arrives: half the body, the signal, the rest
         data = json.dumps({"inputs": [{"image": b64(RED)}, {"audio": b64(TONE)}] * 4}).encode()
         half_sent, go_on = threading.Event(), threading.Event()
@@ -540,8 +429,7 @@ def test_sigterm_finishes_requests_in_flight(bundle):
         assert proc.wait(timeout=30) in (0, -signal.SIGTERM)
         assert b"Traceback" not in proc.stdout.read()
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        stop_server(proc)
 
 
 def test_engine_tuning_keeps_features(engine):

@@ -54,6 +54,11 @@ class Encoder(nn.Module):
         super().__init__()
         self._frozen = False
 
+    @property
+    def pretrained(self) -> bool:
+        """Whether the weights came from somewhere (a package, a file) rather than random init."""
+        return not self.weights_id.startswith("random")
+
     def forward(self, batch: dict[str, torch.Tensor]) -> EncoderOutput:  # pragma: no cover
         raise NotImplementedError
 

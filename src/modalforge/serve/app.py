@@ -219,10 +219,7 @@ def create_app(engine: Engine, config: ServeConfig | None = None) -> FastAPI:
     async def lifespan(app: FastAPI):
         await batcher.start()
         # warm up in the inference thread itself (its torch threads, its lazy initialisation)
-        warm = _thread_init(threads)
-        await asyncio.get_running_loop().run_in_executor(
-            batcher._executors[0], lambda: (warm(), engine.warmup(config.max_batch))
-        )
+        await batcher.run_in_worker(lambda: engine.warmup(config.max_batch))
         state["status"] = "ready"
         log.info("modalforge: serving %s (version %s)", engine.name, engine.version)
         yield

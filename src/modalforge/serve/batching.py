@@ -136,6 +136,12 @@ class MicroBatcher:
             self._executors.append(executor)
             self._tasks.append(asyncio.create_task(self._worker(executor)))
 
+    async def run_in_worker(self, fn: Callable[[], Any]) -> Any:
+        """Run ``fn()`` in the first inference thread (warm-up: its threads, its lazy state)."""
+        if not self._executors:
+            raise Closed("the batcher has not started")
+        return await asyncio.get_running_loop().run_in_executor(self._executors[0], fn)
+
     async def stop(self, drain_timeout: float = 30.0) -> None:
         """Take no new work, finish what is queued (up to ``drain_timeout``), stop the threads."""
         self._closed = True

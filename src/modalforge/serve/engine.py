@@ -333,7 +333,9 @@ class Engine:
 
 
 def _empty(value: Any) -> bool:
-    if isinstance(value, bytes | bytearray | str):
+    if isinstance(value, str):  # whitespace-only text is missing, as in a manifest
+        return not value.strip()
+    if isinstance(value, bytes | bytearray):
         return len(value) == 0
     try:
         return bool(is_missing(value))

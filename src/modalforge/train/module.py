@@ -17,7 +17,7 @@ from modalforge.models import MultimodalModel
 @dataclass
 class OptimConfig:
     lr: float = 1e-3
-    encoder_lr: float = 1e-5  # for encoders that train (fine-tuning): much smaller steps
+    encoder_lr: float = 1e-5  # for pretrained encoders being fine-tuned: much smaller steps
     weight_decay: float = 0.01
     warmup_ratio: float = 0.05  # share of all steps with a linear warm-up, then cosine decay
     loss: str = "ce"  # classification: ce | focal; regression: mse | huber
@@ -89,7 +89,14 @@ class MultimodalModule(L.LightningModule):
 
     def configure_optimizers(self):
         o = self.optim
-        encoder_params = [p for p in self.model.encoders.parameters() if p.requires_grad]
+        # pretrained encoders being fine-tuned take small steps; from-scratch ones learn at lr
+        encoder_params = [
+            p
+            for encoder in self.model.encoders
+            if encoder.pretrained
+            for p in encoder.parameters()
+            if p.requires_grad
+        ]
         encoder_ids = {id(p) for p in encoder_params}
         rest = [p for p in self.model.parameters() if p.requires_grad and id(p) not in encoder_ids]
         groups = [{"params": rest, "lr": o.lr}]
