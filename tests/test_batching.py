@@ -157,3 +157,18 @@ def test_each_worker_thread_runs_the_initializer():
 
     asyncio.run(main())
     assert names and all(n.startswith("modalforge-infer-") for n in names)
+
+
+def test_an_item_that_fails_alone_fails_alone():
+    def fn(items):
+        return [ValueError(f"bad {x}") if x < 0 else x for x in items]
+
+    async def main():
+        b = MicroBatcher(fn, max_batch=4, max_wait_s=0.01)
+        await b.start()
+        results = await asyncio.gather(request(b, -1), request(b, 5), return_exceptions=True)
+        await b.stop()
+        return results
+
+    bad, good = asyncio.run(main())
+    assert isinstance(bad, ValueError) and str(bad) == "bad -1" and good == 5

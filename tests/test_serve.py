@@ -18,7 +18,7 @@ from fastapi.testclient import TestClient
 
 from modalforge.client import Client, ServerError
 from modalforge.predictor import MultimodalPredictor
-from modalforge.serve import Engine, ServeConfig, create_app
+from modalforge.serve import Engine, RequestError, ServeConfig, create_app
 
 from .conftest import png_bytes, sine, wav_bytes
 from .serving import COLORS, PITCH, running_server, start_server, stop_server, train_toy_bundle
@@ -210,15 +210,12 @@ def test_body_limit_413(client):
     assert client.get("/healthz").status_code == 200
 
 
-def test_backpressure_429_and_timeout_504(engine, monkeypatch):
-    original = engine.predict
-
-    def slow(samples):
+def test_backpressure_429_and_timeout_504(engine):
+    def slow(requests):
         time.sleep(0.3)
-        return original(samples)
+        return engine.handle(requests)
 
     with TestClient(create_app(engine, ServeConfig(max_queue=2, max_batch=1))) as c:
-        monkeypatch.setattr(engine, "predict", slow)
         c.app.state.batcher.fn = slow
         with concurrent.futures.ThreadPoolExecutor(6) as pool:
             codes = list(pool.map(lambda _: c.post("/v1/predict", json={"text": "x"}), range(6)))
@@ -439,3 +436,11 @@ def test_engine_tuning_keeps_features(engine):
     feats, _ = engine.features(images)
     one_by_one = np.concatenate([engine.features([s])[0]["image"].numpy() for s in images])
     np.testing.assert_allclose(feats["image"].numpy(), one_by_one, atol=1e-5)
+
+
+def test_engine_handle_decodes_in_the_batch_and_isolates_bad_requests(engine):
+    seen = []
+    out = engine.handle([{"image": RED}, {"image": b"broken"}, {"text": "a blue sea"}], seen.append)
+    assert out[0]["label"] == "r" and out[2]["modalities"] == ["text"]
+    assert isinstance(out[1], RequestError) and out[1].param == "image"
+    assert len(seen) == 2 and all(s >= 0 for s in seen)

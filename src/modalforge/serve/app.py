@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hmac
 import importlib.resources
 import json
@@ -201,9 +202,10 @@ def create_app(engine: Engine, config: ServeConfig | None = None) -> FastAPI:
 
     config = config or ServeConfig()
     metrics = ServerMetrics()
-    threads = config.torch_threads or max(1, (os.cpu_count() or 1) // config.workers)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    threads = config.torch_threads or max(1, (cores or 1) // config.workers)
     batcher = MicroBatcher(
-        engine.predict,
+        functools.partial(engine.handle, on_decode=metrics.decode_seconds.observe),
         max_batch=config.max_batch,
         max_wait_s=config.batch_timeout_ms / 1000,
         max_queue=config.max_queue,
@@ -258,21 +260,26 @@ def create_app(engine: Engine, config: ServeConfig | None = None) -> FastAPI:
         return error_response(f"internal error: {type(err).__name__}", 500)
 
     # -- predict ----------------------------------------------------------------------------------
-    async def run_one(fields: dict[str, Any]) -> dict[str, Any]:
-        """Admit (backpressure), decode off the loop, batch, wait (timeout)."""
+    @contextlib.contextmanager
+    def admission():
+        """A place in the batcher for one request, taken before its body is parsed, so a full
+        server answers 429 cheaply and the batcher knows this request is on its way."""
         if state["status"] != "ready":
             raise RequestError(f"the server is {state['status']}", status=503, kind="unavailable")
         try:
             with batcher.admit() as ticket:
-                sample = await asyncio.to_thread(engine.decode, fields)
-                metrics.decode_seconds.observe(sample.decode_seconds)
-                return await asyncio.wait_for(ticket.submit(sample), config.request_timeout_s)
+                yield ticket
         except QueueFull as err:
             raise _Busy(err) from None
         except Closed:
             raise RequestError(
                 "the server is shutting down", status=503, kind="unavailable"
             ) from None
+
+    async def result_of(ticket, fields: dict[str, Any]) -> dict[str, Any]:
+        """Decode + predict in the inference thread, batched with other requests."""
+        try:
+            return await asyncio.wait_for(ticket.submit(fields), config.request_timeout_s)
         except TimeoutError:
             raise RequestError(
                 f"no result within {config.request_timeout_s:g} s", status=504, kind="timeout"
@@ -297,18 +304,19 @@ def create_app(engine: Engine, config: ServeConfig | None = None) -> FastAPI:
         summary="Predict one sample",
     )
     async def predict(request: Request):
-        body = await request.body()
-        mime = check_body(body, request.headers.get("content-type"))
-        if mime == JSON:
-            obj = load_json(body)
-            if isinstance(obj, dict):
-                model_param(obj)
-            fields = json_fields(obj, columns)
-        else:
-            fields = multipart_fields(body, request.headers["content-type"], columns)
-            if "model" not in columns and isinstance(fields.get("model"), bytes):
-                model_param({"model": fields.pop("model").decode("utf-8", "replace")})
-        return envelope(await run_one(fields))
+        with admission() as ticket:
+            body = await request.body()
+            mime = check_body(body, request.headers.get("content-type"))
+            if mime == JSON:
+                obj = load_json(body)
+                if isinstance(obj, dict):
+                    model_param(obj)
+                fields = json_fields(obj, columns)
+            else:
+                fields = multipart_fields(body, request.headers["content-type"], columns)
+                if "model" not in columns and isinstance(fields.get("model"), bytes):
+                    model_param({"model": fields.pop("model").decode("utf-8", "replace")})
+            return JSONResponse(envelope(await result_of(ticket, fields)))
 
     @app.post("/v1/predict/batch", tags=["predict"], summary="Predict many samples in one call")
     async def predict_batch(request: Request):
@@ -327,12 +335,13 @@ def create_app(engine: Engine, config: ServeConfig | None = None) -> FastAPI:
 
         async def one(i: int, f: dict[str, Any]):
             try:
-                return await run_one(f)
+                with admission() as ticket:
+                    return await result_of(ticket, f)
             except RequestError as err:
                 raise _at(err, i) from None
 
         results = await asyncio.gather(*(one(i, f) for i, f in enumerate(fields)))
-        return {"model": engine.name, "version": engine.version, "predictions": list(results)}
+        return JSONResponse({**envelope({}), "predictions": list(results)})
 
     # -- describe -------------------------------------------------------------------------------
     @app.get("/v1/models", tags=["models"], summary="The served model (OpenAI list format)")

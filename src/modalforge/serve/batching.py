@@ -2,20 +2,22 @@
 
 One asyncio queue feeds ``workers`` inference threads. A worker that is free takes what is
 queued (up to ``max_batch``) and sends it at once, unless requests that have been admitted are
-still being decoded: then it waits for them up to ``max_wait_s``. So a lone client never waits
-for a batch window, and a busy server forms its batches while the model runs.
+still on their way (their bodies being parsed): then it waits for them, up to ``max_wait_s``.
+So a lone client never waits for a batch window, and a busy server forms its batches while the
+model runs.
 
-    batcher = MicroBatcher(engine.predict, max_batch=32, max_wait_s=0.005, max_queue=256)
+    batcher = MicroBatcher(engine.handle, max_batch=32, max_wait_s=0.005, max_queue=256)
     await batcher.start()
     with batcher.admit() as ticket:  # raises QueueFull when max_queue requests are waiting
-        item = decode(request)
-        result = await ticket.submit(item)
+        fields = parse(request)
+        result = await ticket.submit(fields)
 
-Why our own ~150 lines and not LitServe / Ray Serve's ``@serve.batch``: measured on the 2-core
-machines this project targets (see ``benchmarks/serve.py`` and the serving issue), LitServe's
-process-per-worker design spent more CPU per request and Ray Serve's processes need more cores
-than there are; an asyncio batcher in the server's own process costs a few tens of microseconds
-per request.
+Why a small module of ours rather than LitServe or Ray Serve's ``@serve.batch``: the serving
+issue's calibration on these 2-core machines found LitServe spending more CPU per request and
+Ray Serve's processes too heavy for 2 cores (we did not re-run those); what matters here is that
+the batch function runs in one long-lived thread that owns torch's OpenMP threads, and that
+costs a few tens of microseconds per request in the server's own process. Measured with
+``benchmarks/serve.py``; the numbers are in the README.
 """
 
 from __future__ import annotations
@@ -235,7 +237,11 @@ class MicroBatcher:
                         job.future.set_exception(err)
             else:
                 for job, result in zip(jobs, results, strict=True):
-                    if not job.future.done():
+                    if job.future.done():
+                        continue
+                    if isinstance(result, BaseException):  # this item failed, not the batch
+                        job.future.set_exception(result)
+                    else:
                         job.future.set_result(result)
             finally:
                 seconds = time.perf_counter() - started
