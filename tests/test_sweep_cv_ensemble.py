@@ -2,6 +2,7 @@
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -185,3 +186,14 @@ def test_config_schema_marks_inputs_optional(toy, tmp_path):
     assert not p.declared_schema["image"].required and p.declared_schema["text"].required
     with pytest.raises(SchemaError, match="unknown type 'sound'"):
         options(toy, tmp_path, schema={"image": "sound"}).predictor()
+
+
+@pytest.mark.parametrize(
+    "path", sorted(Path(__file__).parents[1].glob("configs/*.yaml")), ids=lambda p: p.name
+)
+def test_shipped_configs_parse(path):
+    options = RunOptions.from_yaml(path)
+    predictor = options.predictor()
+    assert predictor.label == options.label
+    if options.schema:
+        assert set(predictor.declared_schema.names) == set(options.schema)
