@@ -444,3 +444,12 @@ def test_engine_handle_decodes_in_the_batch_and_isolates_bad_requests(engine):
     assert out[0]["label"] == "r" and out[2]["modalities"] == ["text"]
     assert isinstance(out[1], RequestError) and out[1].param == "image"
     assert len(seen) == 2 and all(s >= 0 for s in seen)
+
+
+def test_two_inference_workers(engine):
+    with TestClient(create_app(engine, ServeConfig(workers=2, max_batch=2))) as c:
+        bodies = [{"image": b64(RED), "text": f"a red apple {i}"} for i in range(12)]
+        with concurrent.futures.ThreadPoolExecutor(6) as pool:
+            answers = list(pool.map(lambda b: c.post("/v1/predict", json=b), bodies))
+        assert [a.status_code for a in answers] == [200] * 12
+        assert {a.json()["label"] for a in answers} == {"r"}

@@ -12,6 +12,7 @@ input masked out) for the per-modality contributions.
 from __future__ import annotations
 
 import math
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -58,7 +59,9 @@ class Sample:
 
 
 class Engine:
-    """A loaded bundle ready to serve. ``predict`` is not thread-safe: one inference thread."""
+    """A loaded bundle ready to serve. ``handle`` / ``predict`` may run in several inference
+    threads at once (``--workers``): the model only reads its weights, and tokenizing -- a
+    Hugging Face tokenizer refuses concurrent calls -- takes a lock."""
 
     def __init__(self, predictor, name: str | None = None, device: str | None = None) -> None:
         from modalforge.data.dataset import Featurizer
@@ -77,6 +80,7 @@ class Engine:
         #: most rows per encoder call, per column (``tune`` measures it; None: no cap)
         self.chunk_size: dict[str, int | None] = {c.name: None for c in self.inputs}
         self.tuning: dict[str, Any] = {}
+        self._tokenizer_lock = threading.Lock()
         for column in self.inputs:
             feat = predictor._featurizer(column.name)
             if column.modality is Modality.AUDIO:
@@ -216,7 +220,12 @@ class Engine:
             present = [i for i, s in enumerate(samples) if name in s.values]
             out = torch.zeros(n, encoder.output_dim, device=self.device)
             for rows in self._chunks(column, present, samples) if present else []:
-                batch = self.featurizers[name].collate([samples[i].values[name] for i in rows])
+                items = [samples[i].values[name] for i in rows]
+                if column.modality is Modality.TEXT:
+                    with self._tokenizer_lock:
+                        batch = self.featurizers[name].collate(items)
+                else:
+                    batch = self.featurizers[name].collate(items)
                 out[rows] = encoder(self._to_device(batch)).pooled.float()
             m = torch.zeros(n, dtype=torch.bool, device=self.device)
             m[present] = True
