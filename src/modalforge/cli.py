@@ -940,6 +940,68 @@ def models_list(
 
 
 @app.command()
+def export(
+    bundle: Annotated[Path, typer.Argument(help="A bundle folder (RUN/bundle).")],
+    manifest: Annotated[
+        Path,
+        typer.Option(
+            help="Held-out rows to check the variant on (with the bundle's inputs and, "
+            "for the metric deltas, its label column)."
+        ),
+    ],
+    format: Annotated[str, typer.Option("--format", help="onnx (the only one so far).")] = "onnx",
+    split: Annotated[
+        str | None, typer.Option(help="Only rows whose split column is this ('' = all rows).")
+    ] = "test",
+    name: Annotated[str | None, typer.Option(help="Variant name (default: the format).")] = None,
+    max_rows: Annotated[int, typer.Option(help="Check at most this many rows.")] = 2000,
+    overwrite: Annotated[bool, typer.Option(help="Replace a variant of the same name.")] = False,
+) -> None:
+    """Export a bundle to ONNX (one graph per encoder + the fusion head, presence masks as
+    inputs, dynamic batch) and add it as a variant, after a parity gate on held-out rows: the
+    command fails, adding nothing, when the variant's predictions agree with PyTorch's on fewer
+    than 99.9 % of the rows. Serve it with `modalforge serve BUNDLE --variant onnx`.
+    """
+    from modalforge.bundle import BundleError
+    from modalforge.data.manifest import read_manifest
+    from modalforge.export import ParityGateError, export_bundle
+
+    if format != "onnx":
+        fail(f"unknown --format {format!r}: onnx is the one export format so far")
+    try:
+        rows = read_manifest(manifest)
+        if split:
+            if "split" not in rows.frame:
+                fail(f"--split {split}: {manifest} has no split column (pass --split '')")
+            rows = rows.subset([i for i, v in enumerate(rows.frame["split"]) if str(v) == split])
+        rows = rows.subset(range(min(max_rows, len(rows))))
+        if len(rows) == 0:
+            fail("no rows to check the variant on")
+        meta = json.loads((bundle / "modalforge.json").read_text())
+        with console.status(f"exporting {bundle} to ONNX and checking {len(rows)} rows ..."):
+            info = export_bundle(bundle, rows, label=meta.get("label_column"),
+                                 name=name or format, overwrite=overwrite)  # fmt: skip
+    except ParityGateError as err:
+        for key, value in err.result.items():
+            err_console.print(f"  {key}: {value}")
+        fail(str(err))
+    except (BundleError, ValueError, FileNotFoundError) as err:
+        fail(str(err))
+    parity = info["parity"]
+    console.print(f"variant [bold]{name or format}[/] added to {bundle} "
+                  f"(export {info['export_seconds']} s, opset {info['opset']})")  # fmt: skip
+    for key in (
+        "rows",
+        "agreement",
+        "max_abs_logit_diff",
+        "reference_f1_macro",
+        "variant_f1_macro",
+    ):
+        if key in parity:
+            console.print(f"  {key}: {parity[key]}")
+
+
+@app.command()
 def serve(
     bundle: Annotated[Path, typer.Argument(help="A bundle folder (RUN/bundle).")],
     host: Annotated[
@@ -977,6 +1039,13 @@ def serve(
         typer.Option(help="The model id in /v1/models (default: the bundle's folder name)."),
     ] = None,
     log_level: Annotated[str, typer.Option(help="uvicorn's log level.")] = "info",
+    variant: Annotated[
+        str,
+        typer.Option(
+            help="pytorch (the trained weights) or a variant added by `modalforge "
+            "export` (run with ONNX Runtime)."
+        ),
+    ] = "pytorch",
 ) -> None:
     """Serve a bundle over HTTP: /v1/predict (JSON or multipart), /v1/predict/batch, /v1/models,
     /healthz, /readyz, /metrics, OpenAPI at /docs, and a browser playground at /.
@@ -1001,7 +1070,7 @@ def serve(
     torch.set_num_threads(1)
     try:
         with console.status(f"loading {bundle} ..."):
-            engine = Engine.from_bundle(bundle, name=name)
+            engine = Engine.from_bundle(bundle, name=name, variant=variant)
     except (BundleError, ValueError, FileNotFoundError) as err:
         fail(str(err))
     web = create_app(engine, config)

@@ -331,13 +331,26 @@ class AudioCNN(Encoder):
         x = x * mask.unsqueeze(-1).to(x.dtype)
         return conv(x.transpose(1, 2)).transpose(1, 2)
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> EncoderOutput:
+    @property
+    def feature_axes(self) -> dict[str, tuple[int, ...]]:
+        """The axes of ``prepare``'s tensors that vary between calls (for ONNX export)."""
+        return {"mel": (0, 2), "frames": (0,)}
+
+    def prepare(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Waves -> ``{"mel": (B, n_mels, T) float32, "frames": (B,) int64}`` (frames holding
+        audio): the numpy part, kept out of the traceable ``forward_features``."""
         items = as_wave_list(batch["waves"], batch["wave_lengths"], self.max_seconds)
         lengths = torch.tensor([(len(w) + HOP - 1) // HOP for w in items])  # frames with audio
         mel = batch_log_mel(items, max(1, int(lengths.max())), self.n_mels)
         param = self.stem.weight
-        x = mel.to(param.device, param.dtype).transpose(1, 2)  # (B, T, n_mels)
-        lengths = lengths.to(param.device)
+        return {"mel": mel.to(param.device, param.dtype), "frames": lengths.to(param.device)}
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> EncoderOutput:
+        return self.forward_features(self.prepare(batch))
+
+    def forward_features(self, features: dict[str, torch.Tensor]) -> EncoderOutput:
+        x = features["mel"].transpose(1, 2)  # (B, T, n_mels)
+        lengths = features["frames"]
         mask = torch.arange(x.shape[1], device=x.device)[None, :] < lengths[:, None]
         x = F.gelu(self.stem_norm(self._conv(self.stem, x, mask)))
         for down, conv, (norm_a, norm_b) in zip(self.down, self.conv, self.norms, strict=True):

@@ -46,6 +46,14 @@ DYNAMIC_AXES = {
 }
 
 
+def quiet_exporter() -> None:
+    """torch's ONNX exporter logs a warning per torchvision op it cannot register (we do not
+    install torchvision): noise on every export."""
+    import logging
+
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
+
+
 class ParityError(RuntimeError):
     """An exported graph whose outputs differ from PyTorch's beyond tolerance."""
 
@@ -167,6 +175,7 @@ class OnnxEncoder:
         tmp = self.path.with_suffix(".tmp.onnx")
         # Dim.AUTO: dynamic where the model allows it; torch.export works out which axes are
         # equal across inputs (the batch) and specializes the ones the model fixes
+        quiet_exporter()
         auto = torch.export.Dim.AUTO
         shapes = tuple(
             {axis: auto for axis in self._dynamic_axes(k, features[k])} for k in self.keys

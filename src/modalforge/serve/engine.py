@@ -63,14 +63,18 @@ class Engine:
     threads at once (``--workers``): the model only reads its weights, and tokenizing -- a
     Hugging Face tokenizer refuses concurrent calls -- takes a lock."""
 
-    def __init__(self, predictor, name: str | None = None, device: str | None = None) -> None:
+    def __init__(self, predictor, name: str | None = None, device: str | None = None,
+                 model=None, variant: str = "pytorch") -> None:  # fmt: skip
+        """``model``: what runs instead of ``predictor.model`` (an ``export.runtime.OrtModel``
+        for an ONNX variant); ``variant``: its name, as the bundle lists it."""
         from modalforge.data.dataset import Featurizer
 
         self.predictor = predictor
         bundle = predictor.bundle
         self.name = name or _default_name(bundle.path if bundle is not None else None)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.model = predictor.model.to(self.device).eval()
+        self.variant = variant
+        self.model = (model or predictor.model).to(self.device).eval()
         self.task: str = predictor.task
         self.labels: list[str] = list(predictor.labels or [])
         self.inputs: list[Column] = [
@@ -103,10 +107,24 @@ class Engine:
         name: str | None = None,
         device: str | None = None,
         cache_dir: str | Path | None = None,
+        variant: str = "pytorch",
     ) -> Engine:
+        """Load a bundle; ``variant``: ``pytorch`` (the trained weights) or an exported variant
+        the bundle lists (``modalforge export``), run with ONNX Runtime."""
+        from modalforge.bundle import BundleError
         from modalforge.predictor import MultimodalPredictor
 
-        return cls(MultimodalPredictor.load(path, cache_dir=cache_dir), name, device)
+        predictor = MultimodalPredictor.load(path, cache_dir=cache_dir)
+        model = None
+        if variant != "pytorch":
+            variants = predictor.bundle.variants
+            if variant not in variants:
+                raise BundleError(f"{path}: no variant {variant!r} (it has {sorted(variants)})")
+            from modalforge.export.runtime import OrtModel
+
+            dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+            model = OrtModel(predictor.model, predictor.bundle.path, variants[variant], dev)
+        return cls(predictor, name, device, model=model, variant=variant)
 
     # -- describing ---------------------------------------------------------------------------
     def card(self) -> dict[str, Any]:
@@ -119,6 +137,7 @@ class Engine:
             "owned_by": "modalforge",
             "task": self.task,
             "version": self.version,
+            "variant": self.variant,
             "inputs": [
                 {"name": c.name, "type": c.modality.value, "required": c.required}
                 for c in self.inputs
@@ -226,7 +245,7 @@ class Engine:
                         batch = self.featurizers[name].collate(items)
                 else:
                     batch = self.featurizers[name].collate(items)
-                out[rows] = encoder(self._to_device(batch)).pooled.float()
+                out[rows] = encoder(self._to_device(batch)).pooled.float().to(out.device)
             m = torch.zeros(n, dtype=torch.bool, device=self.device)
             m[present] = True
             feats[name], mask[name] = out, m
@@ -258,6 +277,12 @@ class Engine:
         for i, result in zip(good, self.predict(samples) if samples else [], strict=True):
             out[i] = result
         return out
+
+    @torch.inference_mode()
+    def logits(self, samples: list[Sample]) -> np.ndarray:
+        """The head's raw outputs (B, C) with every given input (parity checks compare these)."""
+        feats, mask = self.features(samples)
+        return self.model({}, mask, features=feats).outputs.float().cpu().numpy()
 
     @torch.inference_mode()
     def predict(self, samples: list[Sample]) -> list[dict[str, Any]]:

@@ -1,0 +1,124 @@
+"""A trained model as ONNX graphs: one per encoder and one for the fusion head.
+
+Each graph takes flat tensors. An encoder graph takes its modality's batch keys (or, for an
+encoder with a traceable core such as Whisper, the outputs of its Python ``prepare``: log-mel
+frames and lengths) and returns the pooled features ``(B, D)``. The head graph takes, for every
+input column in sorted order, ``feat.<column>`` ``(B, D)`` float32 and ``mask.<column>`` ``(B,)``
+bool -- the presence mask -- and returns ``logits`` ``(B, C)`` (and ``weights`` ``(B, M)`` when the
+fusion has them). So a request with a missing modality runs in ONNX as it does in PyTorch: that
+encoder is not run and its mask is False. Batch axes are dynamic; preprocessing stays in Python,
+shared with training (``data/``).
+
+    files, info = export_onnx(predictor.model, examples, out_dir)   # -> {role: path}, metadata
+"""
+
+from __future__ import annotations
+
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from modalforge.encoders.onnx_runtime import OnnxEncoder, quiet_exporter
+from modalforge.models.multimodal import MultimodalModel
+
+HEAD = "onnx/head.onnx"
+
+
+def encoder_file(column: str) -> str:
+    return f"onnx/encoder.{column}.onnx"
+
+
+class HeadGraph(nn.Module):
+    """(feat_0, mask_0, feat_1, mask_1, ...) in sorted column order -> logits[, weights]."""
+
+    def __init__(self, model: MultimodalModel) -> None:
+        super().__init__()
+        self.fusion, self.head = model.fusion, model.head
+        self.columns = list(model.columns)
+
+    def forward(self, *tensors: torch.Tensor):
+        feats = {c: tensors[2 * i] for i, c in enumerate(self.columns)}
+        mask = {c: tensors[2 * i + 1] for i, c in enumerate(self.columns)}
+        fused = self.fusion(feats, mask)
+        logits = self.head(fused.fused)
+        return logits if fused.weights is None else (logits, fused.weights)
+
+
+def head_input_names(columns: list[str]) -> list[str]:
+    return [name for c in columns for name in (f"feat.{c}", f"mask.{c}")]
+
+
+def export_head(model: MultimodalModel, path: Path, batch: int = 3) -> dict[str, Any]:
+    """The fusion + head graph -> ``path``; returns its input / output names."""
+    model = model.eval()
+    columns = list(model.columns)
+    example = []
+    for c in columns:
+        example.append(torch.randn(batch, model.encoder(c).output_dim))
+        example.append(torch.tensor([True, False, True][:batch] + [True] * max(0, batch - 3)))
+    graph = HeadGraph(model).eval()
+    with torch.no_grad():
+        weights = model.fusion(
+            {c: example[2 * i] for i, c in enumerate(columns)},
+            {c: example[2 * i + 1] for i, c in enumerate(columns)},
+        ).weights
+    outputs = ["logits"] if weights is None else ["logits", "weights"]
+    quiet_exporter()
+    auto = torch.export.Dim.AUTO
+    shapes = tuple({0: auto} for _ in example)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            graph,
+            tuple(example),
+            input_names=head_input_names(columns),
+            output_names=outputs,
+            dynamic_shapes=(shapes,),
+            dynamo=True,
+            verbose=False,
+        )
+        program.save(str(path), external_data=False)
+    return {"inputs": head_input_names(columns), "outputs": outputs}
+
+
+def export_onnx(
+    model: MultimodalModel, examples: dict[str, dict[str, torch.Tensor]], out_dir: Path
+) -> tuple[dict[str, Path], dict[str, Any]]:
+    """Every encoder (on ``examples[column]``, a collated batch of >= 2 rows) and the head ->
+    ONNX files under ``out_dir``. Each encoder graph is checked against PyTorch on its example
+    (``OnnxEncoder``'s tolerance); returns ``{name inside the bundle: path}`` and the variant
+    metadata (graph inputs / outputs, opset)."""
+    out_dir = Path(out_dir)
+    files: dict[str, Path] = {}
+    encoders: dict[str, Any] = {}
+    for column in model.columns:
+        encoder = model.encoder(column)
+        runner = OnnxEncoder(encoder, examples[column], cache=out_dir / "cache")
+        target = out_dir / encoder_file(column)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(runner.path, target)
+        files[encoder_file(column)] = target
+        encoders[column] = {
+            "file": encoder_file(column),
+            "inputs": list(runner.keys),
+            "core": runner.core,
+            "max_abs_diff_on_export": runner.max_abs_diff,
+        }
+    head_path = out_dir / HEAD
+    head = export_head(model, head_path)
+    files[HEAD] = head_path
+    import onnx
+
+    opset = {op.domain or "ai.onnx": op.version for op in onnx.load(head_path).opset_import}
+    info = {
+        "format": "onnx",
+        "encoders": encoders,
+        "head": {"file": HEAD, **head},
+        "opset": opset.get("ai.onnx"),
+    }
+    return files, info

@@ -1,0 +1,563 @@
+"""Int8 variants of exported ONNX graphs, timed and checked against fp32, the fastest kept.
+
+Pure functions on ONNX files (ONNX Runtime's ``onnxruntime.quantization`` does the work):
+
+* ``quantize_dynamic_int8(src, dst)``: weights int8 (per channel by default), activations
+  quantized to uint8 on the fly, per batch. Only MatMul / Gemm-like ops (and ORT's fused
+  ``Attention``, embedding ``Gather``) are quantized by default: ORT's integer convolution
+  (``ConvInteger``) is far slower than its fp32 convolution, so a dynamically quantized CNN runs
+  15-20x *slower*; a transformer runs ~2x faster. 2-D ``nn.Linear`` layers export as ``Gemm``,
+  which ORT's dynamic quantizer skips, so constant-weight ``Gemm`` nodes are first rewritten to
+  ``MatMul`` (+ ``Add``).
+* ``quantize_static_int8(src, dst, calibration)``: QDQ format (``QuantizeLinear`` /
+  ``DequantizeLinear`` pairs that ORT fuses into integer kernels), activation ranges calibrated
+  on the given feeds (min-max, entropy or percentile); uint8 activations with int8 weights on
+  x86, int8 / int8 on ARM, as ORT recommends for CPU. The fast choice for convolutions (~2x).
+* ``measure(path, feeds)``: file size and median / p99 latency of an ORT CPU session per feed.
+* ``choose_scheme(fp32, candidates, feeds, reference_outputs, check)``: times every candidate,
+  checks its first output against fp32's with ``check`` (the parity gate) and returns the
+  fastest that passes (and is faster than fp32), with a report of all of them.
+* ``torch_dynamic_int8(module)``: PyTorch's dynamic quantization of ``nn.Linear`` layers, for a
+  model served by PyTorch rather than ORT.
+
+``reduce_range`` (7-bit weights) defaults to what this CPU wants: x86 without VNNI saturates
+uint8 x int8 products (``vpmaddubsw``), so it is on there and off with VNNI and on ARM. A graph
+quantized here and served on another machine may want it set explicitly.
+
+Both ONNX quantizers run ORT's ``quant_pre_process`` (symbolic shape inference plus ORT's basic
+graph optimizations) first; if that fails the raw model is quantized instead. What happened is
+written into the output model's ``metadata_props`` under ``modalforge.quantize`` (JSON: scheme,
+options, ``pre_process``: ``"ok"`` or the error) and read back with ``quantization_info(path)``.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import logging
+import math
+import platform
+import statistics
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+Feeds = Mapping[str, np.ndarray]
+
+#: metadata key of the quantized models' provenance
+INFO_KEY = "modalforge.quantize"
+
+#: op types quantized by ``quantize_dynamic_int8`` unless told otherwise: matrix products
+#: (``Gemm`` is rewritten to ``MatMul`` first), ORT's fused attention and embedding lookups.
+#: Not ``Conv``: ORT's ``ConvInteger`` is many times slower than its fp32 convolution.
+DYNAMIC_OPS = ("MatMul", "Gemm", "Attention", "Gather", "EmbedLayerNormalization")
+
+CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
+
+
+# --------------------------------------------------------------------------- CPU facts
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def _is_x86() -> bool:
+    return platform.machine().lower() in ("x86_64", "amd64", "i386", "i686", "x86")
+
+
+def default_reduce_range() -> bool:
+    """Whether int8 weights should use 7 bits on this CPU: on x86 without VNNI (its uint8 x int8
+    multiply-add saturates), not on x86 with VNNI (``avx512_vnni``, ``avx_vnni``, AMX) or ARM."""
+    if not _is_x86():
+        return False
+    flags = _cpu_flags()
+    if not flags:  # unknown (not Linux): the safe choice
+        return True
+    return not flags & {"avx512_vnni", "avx_vnni", "amx_int8", "avx_vnni_int8"}
+
+
+# --------------------------------------------------------------------------- graph helpers
+
+
+def _load(path: Path):
+    import onnx
+
+    return onnx.load(str(path))
+
+
+def _set_info(path: Path, info: dict) -> None:
+    """Write ``info`` (JSON) into the model's ``metadata_props`` under ``INFO_KEY``."""
+    import onnx
+
+    model = onnx.load(str(path))
+    props = [p for p in model.metadata_props if p.key != INFO_KEY]
+    del model.metadata_props[:]
+    model.metadata_props.extend(props)
+    entry = model.metadata_props.add()
+    entry.key, entry.value = INFO_KEY, json.dumps(info, sort_keys=True)
+    onnx.save(model, str(path))
+
+
+def quantization_info(path: Path) -> dict | None:
+    """The provenance ``quantize_*_int8`` wrote into a model (scheme, options, whether
+    ``quant_pre_process`` worked); None for a model they did not write."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    for prop in model.metadata_props:
+        if prop.key == INFO_KEY:
+            return json.loads(prop.value)
+    return None
+
+
+def _pre_process(src: Path, dst: Path) -> str:
+    """ORT's ``quant_pre_process`` of ``src`` into ``dst``. Returns "ok"; or, when symbolic
+    shape inference fails (it often does on dynamo exports with dynamic axes), "ok without
+    symbolic shape inference (<why>)" after a second try without it; or "failed: <why>", and
+    ``dst`` is then a copy of ``src``."""
+    import onnx
+    from onnxruntime.quantization import shape_inference
+
+    def attempt(**options) -> str | None:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                shape_inference.quant_pre_process(str(src), str(dst), **options)
+            onnx.load(str(dst))  # a readable result, not a half-written file
+            return None
+        except Exception as error:
+            return f"{type(error).__name__}: {error}"[:300]
+
+    first = attempt()
+    if first is None:
+        return "ok"
+    second = attempt(skip_symbolic_shape=True)
+    if second is None:
+        return f"ok without symbolic shape inference ({first})"
+    log.warning("quant_pre_process failed on %s (%s); quantizing the raw model", src, second)
+    onnx.save(onnx.load(str(src)), str(dst))
+    return f"failed: {second}"
+
+
+def _names_used(graph) -> set[str]:
+    """Every name a node of ``graph`` or of its subgraphs reads."""
+    names = set()
+    for node in graph.node:
+        names.update(node.input)
+        for attr in node.attribute:
+            for sub in (attr.g, *attr.graphs) if attr.HasField("g") else attr.graphs:
+                names |= _names_used(sub)
+    return names
+
+
+def _gemm_to_matmul(model) -> int:
+    """Rewrite each ``Gemm(A, B[, C])`` with a constant ``B``, ``alpha = beta = 1`` and no
+    ``transA`` into ``MatMul(A, B')`` (+ ``Add(., C)``), ``B'`` the initializer ``B`` transposed
+    when ``transB``; in place. ORT's dynamic quantizer skips ``Gemm``. Returns how many."""
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    new_nodes, count, replaced = [], 0, set()
+    for node in graph.node:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        weight = node.input[1] if node.op_type == "Gemm" and len(node.input) > 1 else None
+        if (
+            node.op_type != "Gemm"
+            or node.domain not in ("", "ai.onnx")
+            or weight not in inits
+            or attrs.get("transA", 0)
+            or attrs.get("alpha", 1.0) != 1.0
+            or attrs.get("beta", 1.0) != 1.0
+        ):
+            new_nodes.append(node)
+            continue
+        if attrs.get("transB", 0):
+            # a new initializer: value_info / inputs may describe the old one's shape
+            name = f"{weight}_transposed"
+            replaced.add(weight)
+            if name not in inits:
+                transposed = numpy_helper.to_array(inits[weight]).T.copy()
+                inits[name] = numpy_helper.from_array(transposed, name)
+                graph.initializer.append(inits[name])
+            weight = name
+        out = node.output[0]
+        bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
+        product = f"{out}_matmul" if bias else out
+        base = node.name or f"gemm_{count}"
+        new_nodes.append(helper.make_node("MatMul", [node.input[0], weight], [product],
+                                          name=f"{base}_MatMul"))  # fmt: skip
+        if bias:
+            new_nodes.append(helper.make_node("Add", [product, bias], [out], name=f"{base}_Add"))
+        count += 1
+    if count:
+        del graph.node[:]
+        graph.node.extend(new_nodes)
+        used = _names_used(graph) | {o.name for o in graph.output}
+        stale = replaced - used
+        for field in (graph.initializer, graph.input, graph.value_info):
+            keep = [item for item in field if item.name not in stale]
+            del field[:]
+            field.extend(keep)
+    return count
+
+
+# --------------------------------------------------------------------------- quantizers
+
+
+def quantize_dynamic_int8(
+    src: Path,
+    dst: Path,
+    per_channel: bool = True,
+    op_types: Sequence[str] = DYNAMIC_OPS,
+    reduce_range: bool | None = None,
+    pre_process: bool = True,
+) -> Path:
+    """Dynamic int8 quantization of the fp32 ONNX model ``src`` into ``dst`` (returned).
+
+    Weights of ``op_types`` nodes with constant weights become int8 (per output channel when
+    ``per_channel``, symmetric); their activations are quantized to uint8 at run time, per call.
+    Constant-weight ``Gemm`` nodes are rewritten to ``MatMul`` (+ ``Add``) first, so that 2-D
+    linear layers are quantized too. ``reduce_range`` None: this CPU's preference
+    (``default_reduce_range``). ``dst`` records what was done (``quantization_info``).
+    """
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    src, dst = Path(src), Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    reduce_range = default_reduce_range() if reduce_range is None else reduce_range
+    with tempfile.TemporaryDirectory(prefix="mf-quant-") as tmp:
+        prepared = Path(tmp) / "prepared.onnx"
+        status = _pre_process(src, prepared) if pre_process else "skipped"
+        if not pre_process:
+            onnx.save(onnx.load(str(src)), str(prepared))
+        gemms = 0
+        if "Gemm" in op_types:
+            model = onnx.load(str(prepared))
+            gemms = _gemm_to_matmul(model)
+            if gemms:
+                onnx.save(model, str(prepared))
+        ops = sorted({"MatMul" if op == "Gemm" else op for op in op_types})
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            quantize_dynamic(
+                prepared,
+                dst,
+                op_types_to_quantize=ops,
+                per_channel=per_channel,
+                reduce_range=reduce_range,
+                weight_type=QuantType.QInt8,
+                extra_options={"MatMulConstBOnly": True},
+            )
+    _set_info(dst, {"scheme": "dynamic", "per_channel": per_channel, "op_types": ops,
+                    "reduce_range": reduce_range, "gemm_rewritten": gemms,
+                    "pre_process": status})  # fmt: skip
+    return dst
+
+
+def _reader(feeds: Iterable[Feeds]):
+    """An ORT ``CalibrationDataReader`` over an iterable of feed dicts; ``.count``: how many
+    it handed out."""
+    from onnxruntime.quantization import CalibrationDataReader
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.count = 0
+            self._it: Iterator[Feeds] = iter(feeds)
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            batch = next(self._it, None)
+            if batch is None:
+                return None
+            self.count += 1
+            return {k: np.ascontiguousarray(v) for k, v in batch.items()}
+
+    return Reader()
+
+
+def quantize_static_int8(
+    src: Path,
+    dst: Path,
+    calibration: Iterable[Feeds],
+    per_channel: bool = True,
+    method: str = "minmax",
+    op_types: Sequence[str] | None = None,
+    reduce_range: bool | None = None,
+    pre_process: bool = True,
+    exclude_nodes: Sequence[str] = (),
+    extra_options: Mapping[str, object] | None = None,
+) -> Path:
+    """Static int8 quantization (QDQ format) of the fp32 ONNX model ``src`` into ``dst``
+    (returned), activation ranges calibrated by running ``src`` on ``calibration`` (feed dicts,
+    input name -> array, e.g. 16-64 batches of real inputs; consumed once).
+
+    ``method``: "minmax" (ranges as seen), "entropy" (KL-optimal clipping), "percentile"
+    (99.999th percentile clipping). Activations uint8 (asymmetric) with int8 weights on x86,
+    int8 both on ARM; weights per output channel when ``per_channel``. ``op_types`` None: every
+    op type ORT's QDQ quantizer handles. ``exclude_nodes``: node names left in fp32 (e.g. a
+    sensitive final projection). ``reduce_range`` None: this CPU's preference.
+    ``extra_options``: more of ORT's ``quantize_static`` options (e.g. ``{"MatMulConstBOnly":
+    True}`` to leave activation x activation products in fp32, ``{"CalibPercentile": 99.99}``).
+    """
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+               "percentile": CalibrationMethod.Percentile}  # fmt: skip
+    if method not in methods:
+        raise ValueError(f"calibration method {method!r}: expected one of {CALIBRATION_METHODS}")
+    src, dst = Path(src), Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    reduce_range = default_reduce_range() if reduce_range is None else reduce_range
+    activation = QuantType.QUInt8 if _is_x86() else QuantType.QInt8
+    calibration = iter(calibration)
+    first = next(calibration, None)
+    if first is None:
+        raise ValueError("quantize_static_int8: the calibration iterable was empty")
+    reader = _reader(itertools.chain([first], calibration))
+    with tempfile.TemporaryDirectory(prefix="mf-quant-") as tmp:
+        prepared = Path(tmp) / "prepared.onnx"
+        if pre_process:
+            status = _pre_process(src, prepared)
+        else:
+            import onnx
+
+            onnx.save(onnx.load(str(src)), str(prepared))
+            status = "skipped"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            quantize_static(
+                prepared,
+                dst,
+                reader,
+                quant_format=QuantFormat.QDQ,
+                op_types_to_quantize=list(op_types) if op_types else None,
+                per_channel=per_channel,
+                reduce_range=reduce_range,
+                activation_type=activation,
+                weight_type=QuantType.QInt8,
+                nodes_to_exclude=list(exclude_nodes),
+                calibrate_method=methods[method],
+                extra_options={
+                    "ActivationSymmetric": activation == QuantType.QInt8,
+                    "WeightSymmetric": True,
+                    **(extra_options or {}),
+                },
+            )
+    info = {
+        "scheme": "static-qdq",
+        "per_channel": per_channel,
+        "method": method,
+        "op_types": sorted(op_types) if op_types else "all",
+        "activation_type": "uint8" if activation == QuantType.QUInt8 else "int8",
+        "reduce_range": reduce_range,
+        "calibration_batches": reader.count,
+        "excluded_nodes": list(exclude_nodes),
+        "extra_options": {k: repr(v) for k, v in (extra_options or {}).items()},
+        "pre_process": status,
+    }
+    _set_info(dst, info)
+    return dst
+
+
+# --------------------------------------------------------------------------- measuring
+
+
+def model_files(path: Path) -> list[Path]:
+    """The model file and the external-data files its initializers point to."""
+    import onnx
+
+    path = Path(path)
+    model = onnx.load(str(path), load_external_data=False)
+    files = [path]
+    for tensor in model.graph.initializer:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            location = next(e.value for e in tensor.external_data if e.key == "location")
+            extra = path.parent / location
+            if extra not in files:
+                files.append(extra)
+    return files
+
+
+def model_bytes(path: Path) -> int:
+    """Size on disk of a model, its external data files included."""
+    return sum(f.stat().st_size for f in model_files(path) if f.is_file())
+
+
+def cpu_session(path: Path, threads: int | None = None):
+    """An ONNX Runtime CPU session on ``path``: all graph optimizations, ``threads`` intra-op
+    threads (None: ORT's default, one per core)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        options.intra_op_num_threads = threads
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def _shapes(feeds: Feeds) -> dict[str, list[int]]:
+    return {k: list(np.shape(v)) for k, v in feeds.items()}
+
+
+def _time(session, feeds: Sequence[Feeds], repeats: int, warmup: int) -> list[dict]:
+    rows = []
+    for feed in feeds:
+        feed = dict(feed)
+        for _ in range(warmup):
+            session.run(None, feed)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            session.run(None, feed)
+            times.append(time.perf_counter() - start)
+        rows.append({
+            "shapes": _shapes(feed),
+            "median_ms": 1e3 * statistics.median(times),
+            "p99_ms": 1e3 * float(np.percentile(times, 99)),
+            "min_ms": 1e3 * min(times),
+            "repeats": repeats,
+        })  # fmt: skip
+    return rows
+
+
+def measure(path: Path, feeds: Sequence[Feeds], repeats: int = 20, warmup: int = 2,
+            threads: int | None = None) -> dict:  # fmt: skip
+    """Latency and size of the ONNX model ``path`` in an ORT CPU session (``cpu_session``).
+
+    Each feed dict (input name -> array; e.g. one per batch size) is run ``warmup`` times, then
+    timed ``repeats`` times. Returns ``{"path", "bytes" (external data included), "files",
+    "load_ms", "latency": [{"shapes", "median_ms", "p99_ms", "min_ms", "repeats"} per feed]}``.
+    """
+    path = Path(path)
+    start = time.perf_counter()
+    session = cpu_session(path, threads)
+    load_ms = 1e3 * (time.perf_counter() - start)
+    return {
+        "path": str(path),
+        "bytes": model_bytes(path),
+        "files": [str(f) for f in model_files(path)],
+        "load_ms": load_ms,
+        "latency": _time(session, feeds, repeats, warmup),
+    }
+
+
+def _compare(got: np.ndarray, want: np.ndarray) -> tuple[float, float]:
+    """(max abs difference, min cosine similarity over rows) of two same-shape arrays, rows
+    being the first axis (the batch)."""
+    got = np.asarray(got, dtype=np.float64)
+    want = np.asarray(want, dtype=np.float64)
+    if got.shape != want.shape:
+        return math.inf, -1.0
+    max_abs = float(np.abs(got - want).max()) if got.size else 0.0
+    a = got.reshape(got.shape[0], -1) if got.ndim else got.reshape(1, 1)
+    b = want.reshape(want.shape[0], -1) if want.ndim else want.reshape(1, 1)
+    norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    cos = np.where(norms > 0, (a * b).sum(1) / np.maximum(norms, 1e-30), 1.0)
+    return max_abs, float(cos.min()) if cos.size else 1.0
+
+
+def choose_scheme(
+    fp32: Path,
+    candidates: Mapping[str, Path],
+    feeds: Sequence[Feeds],
+    reference_outputs: Sequence[np.ndarray] | None,
+    check: Callable[[np.ndarray, np.ndarray], bool],
+    repeats: int = 20,
+    min_speedup: float = 1.0,
+    threads: int | None = None,
+) -> tuple[str | None, dict]:
+    """The fastest quantized variant of ``fp32`` that passes the parity gate.
+
+    ``candidates``: name -> ONNX file (e.g. ``{"dynamic": ..., "static-qdq": ...}``). Each is
+    timed on ``feeds`` like ``measure`` and its first output on each feed compared with
+    ``reference_outputs`` (fp32's first output per feed; None: computed here): ``check(output,
+    reference)`` must hold for every feed. Speed is the geometric mean over feeds of fp32's
+    median latency / the candidate's; a passing candidate must also reach ``min_speedup``
+    (default: faster than fp32; 0 disables).
+
+    Returns ``(name or None, report)``; report: ``{"fp32": measure(...), "candidates": {name:
+    {"bytes", "size_ratio", "latency", "speedup", "max_abs", "min_cosine", "passed", "reason"}},
+    "chosen", "reason"}`` (``max_abs`` / ``min_cosine``: worst over feeds, cosine per row).
+    """
+    feeds = [dict(f) for f in feeds]
+    fp32_session = cpu_session(fp32, threads)
+    if reference_outputs is None:
+        reference_outputs = [fp32_session.run(None, f)[0] for f in feeds]
+    if len(reference_outputs) != len(feeds):
+        raise ValueError("choose_scheme: one reference output per feed is needed")
+    fp32_report = {"path": str(fp32), "bytes": model_bytes(fp32),
+                   "latency": _time(fp32_session, feeds, repeats, 2)}  # fmt: skip
+    del fp32_session
+    base = [row["median_ms"] for row in fp32_report["latency"]]
+    rows: dict[str, dict] = {}
+    for name, path in candidates.items():
+        row: dict = {"path": str(path), "passed": False, "reason": None}
+        rows[name] = row
+        try:
+            row["bytes"] = model_bytes(path)
+            row["size_ratio"] = row["bytes"] / max(1, fp32_report["bytes"])
+            session = cpu_session(path, threads)
+            outputs = [session.run(None, f)[0] for f in feeds]
+            row["latency"] = _time(session, feeds, repeats, 2)
+            del session
+        except Exception as error:  # a candidate that does not load or run is just rejected
+            row["reason"] = f"does not run: {type(error).__name__}: {error}"[:500]
+            continue
+        ratios = [b / max(r["median_ms"], 1e-9) for b, r in zip(base, row["latency"], strict=True)]
+        row["speedup"] = math.exp(sum(math.log(r) for r in ratios) / len(ratios))
+        diffs = [_compare(o, r) for o, r in zip(outputs, reference_outputs, strict=True)]
+        row["max_abs"] = max(d[0] for d in diffs)
+        row["min_cosine"] = min(d[1] for d in diffs)
+        failed = [i for i, (o, r) in enumerate(zip(outputs, reference_outputs, strict=True))
+                  if not check(o, r)]  # fmt: skip
+        if failed:
+            row["reason"] = f"parity check failed on feed(s) {failed}"
+        elif row["speedup"] < min_speedup:
+            row["reason"] = f"speedup {row['speedup']:.2f}x below {min_speedup:.2f}x"
+        else:
+            row["passed"] = True
+    passing = [n for n, r in rows.items() if r["passed"]]
+    chosen = max(passing, key=lambda n: rows[n]["speedup"]) if passing else None
+    if chosen:
+        reason = f"{chosen}: fastest passing candidate ({rows[chosen]['speedup']:.2f}x fp32)"
+    elif rows:
+        reason = "no candidate passed: " + "; ".join(f"{n}: {r['reason']}" for n, r in
+                                                     rows.items())  # fmt: skip
+    else:
+        reason = "no candidates"
+    return chosen, {"fp32": fp32_report, "candidates": rows, "chosen": chosen, "reason": reason}
+
+
+# --------------------------------------------------------------------------- PyTorch
+
+
+def torch_dynamic_int8(module: nn.Module, layers: tuple[type, ...] = (nn.Linear,)) -> nn.Module:
+    """PyTorch dynamic int8 quantization of ``module``'s ``layers`` (default ``nn.Linear``):
+    a new module (``module`` is left as is, deep-copied) whose linear layers hold int8 weights
+    and quantize their inputs per call; CPU only, for inference (eval mode). Uses
+    ``torch.ao.quantization.quantize_dynamic`` with the engine torch picked for this CPU."""
+    import torch
+
+    copied = copy.deepcopy(module).eval()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*deprecated.*")
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        return torch.ao.quantization.quantize_dynamic(copied, set(layers), dtype=torch.qint8)
