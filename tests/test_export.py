@@ -144,3 +144,22 @@ def test_a_broken_variant_fails_the_gate_and_is_not_added(bundle, monkeypatch):
                                       "--name", "broken2"])  # fmt: skip
     assert result.exit_code == 1 and "failed its parity gate" in result.output
     assert "broken2" not in json.loads((bundle / "modalforge.json").read_text())["variants"]
+
+
+def test_bench_measures_every_variant(exported, tmp_path):
+    bundle, _ = exported
+    result = CliRunner().invoke(cli, ["bench", str(bundle), "--manifest", str(bundle.parent / "manifest.csv"),
+                                      "--split", "", "--rows", "8", "--out", str(tmp_path)])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    table = json.loads((tmp_path / "bench.json").read_text())
+    assert (tmp_path / "bench.png").stat().st_size > 10_000
+    rows = {r["variant"]: r for r in table["variants"]}
+    assert set(rows) >= {"pytorch", "onnx"}
+    for r in rows.values():
+        assert r["size_mb"] > 0 and r["parity"]["rows"] == 60
+        for size in ("batch1", "batch32"):
+            for kind in ("end_to_end", "model_only"):
+                t = r[size][kind]
+                assert 0 < t["p50_ms"] <= t["p99_ms"] and t["samples_per_s"] > 0
+    assert rows["pytorch"]["batch1"]["speedup_vs_pytorch"] == 1.0
+    assert rows["onnx"]["parity"]["agreement"] == 1.0

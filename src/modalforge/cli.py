@@ -1002,6 +1002,62 @@ def export(
 
 
 @app.command()
+def bench(
+    bundle: Annotated[Path, typer.Argument(help="A bundle folder (RUN/bundle).")],
+    manifest: Annotated[Path, typer.Option(help="Rows to measure and check on.")],
+    split: Annotated[
+        str | None, typer.Option(help="Only rows whose split column is this ('' = all rows).")
+    ] = "test",
+    variant: Annotated[
+        list[str] | None, typer.Option(help="Variants to measure (default: all). Repeatable.")
+    ] = None,
+    rows: Annotated[int, typer.Option(help="Rows to time (parity uses all selected rows).")] = 64,
+    out: Annotated[Path, typer.Option(help="Folder for bench.json and bench.png.")] = Path("bench"),
+) -> None:
+    """Measure every variant of a bundle: size, latency p50/p99 at batch 1 and 32 (end to end
+    and model only), throughput, and agreement / accuracy / macro-F1 against PyTorch."""
+    import torch
+
+    from modalforge.bundle import BundleError
+    from modalforge.data.manifest import read_manifest
+    from modalforge.export.bench import bench_bundle, plot
+
+    torch.set_num_threads(max(1, len(__import__("os").sched_getaffinity(0))))
+    try:
+        selected = read_manifest(manifest)
+        if split:
+            if "split" not in selected.frame:
+                fail(f"--split {split}: {manifest} has no split column (pass --split '')")
+            keep = [i for i, v in enumerate(selected.frame["split"]) if str(v) == split]
+            selected = selected.subset(keep)
+        meta = json.loads((bundle / "modalforge.json").read_text())
+        with console.status(f"measuring {bundle} on {len(selected)} rows ..."):
+            result = bench_bundle(bundle, selected, meta.get("label_column"), variant, rows)
+    except (BundleError, ValueError, FileNotFoundError) as err:
+        fail(str(err))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.json").write_text(json.dumps(result, indent=2))
+    plot(result, out / "bench.png")
+    table = Table(title=f"{bundle} ({result['rows']} rows timed)", title_justify="left")
+    for col in ("variant", "MB", "b1 p50/p99 ms", "b1 model ms", "b32 p50 ms", "b32 samples/s",
+                "speed-up b1 / b32", "agreement", "macro-F1"):  # fmt: skip
+        table.add_column(col)
+    for r in result["variants"]:
+        b1, b32, parity = r["batch1"], r["batch32"], r["parity"]
+        table.add_row(
+            r["variant"], f"{r['size_mb']:.1f}",
+            f"{b1['end_to_end']['p50_ms']:.1f} / {b1['end_to_end']['p99_ms']:.1f}",
+            f"{b1['model_only']['p50_ms']:.1f}", f"{b32['end_to_end']['p50_ms']:.0f}",
+            f"{b32['end_to_end']['samples_per_s']:.0f}",
+            f"{b1.get('speedup_vs_pytorch', '-')}x / {b32.get('speedup_vs_pytorch', '-')}x",
+            f"{parity.get('agreement', float('nan')):.4f}",
+            f"{parity.get('variant_f1_macro', float('nan')):.4f}",
+        )  # fmt: skip
+    console.print(table)
+    console.print(f"-> {out / 'bench.json'}, {out / 'bench.png'}")
+
+
+@app.command()
 def serve(
     bundle: Annotated[Path, typer.Argument(help="A bundle folder (RUN/bundle).")],
     host: Annotated[
