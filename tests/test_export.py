@@ -163,3 +163,25 @@ def test_bench_measures_every_variant(exported, tmp_path):
                 assert 0 < t["p50_ms"] <= t["p99_ms"] and t["samples_per_s"] > 0
     assert rows["pytorch"]["batch1"]["speedup_vs_pytorch"] == 1.0
     assert rows["onnx"]["parity"]["agreement"] == 1.0
+
+
+def test_int8_export_picks_per_encoder_schemes_under_the_gate(exported):
+    bundle, _ = exported
+    manifest = read_manifest(bundle.parent / "manifest.csv")
+    info = export_bundle(bundle, manifest, label="label", name="int8", quantize="int8")
+    assert info["format"] == "onnx-int8" and info["parity"]["passed"]
+    assert info["parity"]["f1_macro_drop"] <= 0.01
+    tried = info["quantization"]["tried"]
+    assert tried and tried[-1]["passed"]
+    for column, spec in info["encoders"].items():
+        report = info["quantization"]["encoders"][column]
+        assert set(report["candidates"]) == {"dynamic", "static-qdq", "static-products"}
+        assert spec["quantization"] in (None, "dynamic", "static-qdq", "static-products")
+        if spec["quantization"] is not None:
+            assert spec["file"].startswith("int8/") and spec["file"].endswith(".int8.onnx")
+            assert report["candidates"][spec["quantization"]]["passed"]
+    loaded = load_bundle(bundle)
+    assert set(loaded.variants) >= {"pytorch", "onnx", "int8"}
+    engine = Engine.from_bundle(bundle, device="cpu", variant="int8")
+    out = engine.handle([{"image": png_bytes((30, 30), COLORS["r"])}])[0]
+    assert out["label"] in ("r", "g", "b") and out["modalities"] == ["image"]
