@@ -140,7 +140,9 @@ def quantize_encoders(
             options[column] = [fp32]
             reports[column] = {"chosen": None, "reason": "no held-out rows with this input"}
             continue
-        calibration = _encoder_feeds(reference, column, items(calibration_rows, column), 8)
+        # no calibration rows with this input: calibrate on the held-out ones
+        calibration_items = items(calibration_rows, column) or checks
+        calibration = _encoder_feeds(reference, column, calibration_items, 8)
         feeds = _encoder_feeds(reference, column, checks[:1], 1)
         feeds += _encoder_feeds(reference, column, checks[:8], 8)
         logging.disable(logging.WARNING)  # ORT's quantizer logs a line per odd weight
