@@ -12,12 +12,15 @@ from torch import nn
 
 from modalforge.export.prune import magnitude_prune, make_permanent, sparsity_report
 from modalforge.export.quantize import (
+    bias_correct,
     choose_scheme,
     cpu_session,
     measure,
     quantization_info,
     quantize_dynamic_int8,
+    quantize_static_corrected,
     quantize_static_int8,
+    stem_nodes,
     torch_dynamic_int8,
 )
 
@@ -289,3 +292,55 @@ def test_masks_kept_through_a_fine_tune_then_folded():
     assert sparsity_report(model, skip=("4",))["global"]["zeros"] == before
     with pytest.raises(ValueError, match="amount"):
         magnitude_prune(model, 1.0)
+
+
+def test_bias_correction_removes_the_mean_shift_of_rounded_weights(conv_onnx, tmp_path):
+    """After correction, a graph whose convolutions use int8-rounded weights has (about) the
+    fp32 graph's mean output; without it, the rounding shifts the mean."""
+    calibration = feeds((8, 3, 16, 16), 4)
+    corrected = bias_correct(conv_onnx, tmp_path / "bc.onnx", calibration)
+
+    def rounded(src, dst):  # every conv weight rounded as symmetric per-channel int8 does
+        model = onnx.load(str(src))
+        convs = {n.input[1] for n in model.graph.node if n.op_type == "Conv"}
+        for init in model.graph.initializer:
+            if init.name in convs:
+                w = numpy_helper.to_array(init)
+                s = np.abs(w).reshape(len(w), -1).max(1).reshape(-1, 1, 1, 1) / 127
+                init.CopyFrom(
+                    numpy_helper.from_array((np.round(w / s) * s).astype(np.float32), init.name)
+                )
+        onnx.save(model, str(dst))
+        return dst
+
+    x = np.concatenate([f["x"] for f in calibration])
+    want = run(conv_onnx, x).mean(0)
+    plain = run(rounded(conv_onnx, tmp_path / "r.onnx"), x).mean(0)
+    fixed = run(rounded(corrected, tmp_path / "rbc.onnx"), x).mean(0)
+    assert np.abs(fixed - want).mean() < 0.5 * np.abs(plain - want).mean()
+
+
+def test_static_corrected_keeps_the_stem_in_fp32(tmp_path):
+    torch.manual_seed(0)
+    layers = [nn.Conv2d(3, 8, 3, padding=1), nn.ReLU6()]
+    for _ in range(6):
+        layers += [
+            nn.Conv2d(8, 8, 3, padding=1, groups=8),
+            nn.ReLU6(),
+            nn.Conv2d(8, 8, 1),
+            nn.ReLU6(),
+        ]
+    net = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten()).eval()
+    src = export(net, torch.randn(2, 3, 16, 16), tmp_path / "cnn.onnx")
+    dst = quantize_static_corrected(src, tmp_path / "cnn-int8.onnx", feeds((4, 3, 16, 16), 6))
+    graph = onnx.load(str(dst)).graph
+    stem = [n for n in graph.node if n.op_type == "Conv"][:3]
+    produced_by_dq = {o for n in graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    assert all(n.input[0] not in produced_by_dq for n in stem)  # the stem reads float inputs
+    assert sum(n.op_type == "QuantizeLinear" for n in graph.node) > 5
+    x = feeds((5, 3, 16, 16), 1, seed=4)[0]["x"]
+    assert cosine_rows(run(dst, x), run(src, x)).min() > 0.98
+    assert (
+        stem_nodes(src, 3)[-1]
+        == [n.name for n in onnx.load(str(src)).graph.node if n.op_type == "Conv"][2]
+    )

@@ -53,9 +53,9 @@ def _examples(engine, manifest) -> dict[str, dict]:
 
 #: what ``--quantize`` tries per encoder graph (the fastest that passes the check is kept)
 SCHEMES = {
-    "int8": ("dynamic", "static-qdq", "static-products"),
+    "int8": ("dynamic", "static-qdq", "static-corrected", "static-products"),
     "int8-dynamic": ("dynamic",),
-    "int8-static": ("static-qdq", "static-products"),
+    "int8-static": ("static-qdq", "static-corrected", "static-products"),
 }
 #: per-encoder check: the worst per-row cosine of pooled features vs fp32 (the whole variant
 #: then has to pass the int8 gate on macro-F1)
@@ -98,6 +98,10 @@ def _candidates(fp32: Path, schemes: tuple[str, ...], calibration: list[dict]) -
             out[scheme] = q.quantize_static_int8(
                 fp32, dst, calibration, per_channel=True, method=method
             )
+        elif scheme == "static-corrected":  # CNNs: stem in fp32 + bias correction
+            if _conv_count(fp32) < 6:
+                continue
+            out[scheme] = q.quantize_static_corrected(fp32, dst, calibration)
         else:  # constant-weight products only: what transformers tolerate
             out[scheme] = q.quantize_static_int8(
                 fp32, dst, calibration, per_channel=True, method="minmax",
@@ -105,6 +109,14 @@ def _candidates(fp32: Path, schemes: tuple[str, ...], calibration: list[dict]) -
                 extra_options={"MatMulConstBOnly": True},
             )  # fmt: skip
     return out
+
+
+def _conv_count(path: Path) -> int:
+    import onnx
+
+    return sum(
+        n.op_type == "Conv" for n in onnx.load(str(path), load_external_data=False).graph.node
+    )
 
 
 def quantize_encoders(

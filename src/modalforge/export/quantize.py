@@ -384,6 +384,102 @@ def quantize_static_int8(
 # --------------------------------------------------------------------------- measuring
 
 
+def stem_nodes(path: Path, convs: int = 3) -> list[str]:
+    """Names of the nodes of ``path`` (in graph order) up to and including its ``convs``-th
+    Conv: the stem a CNN is most sensitive to, kept in fp32 by ``quantize_static_corrected``.
+    Listing the nodes that feed those convolutions matters: ORT turns a float Conv whose input
+    comes from a DequantizeLinear back into a per-tensor int8 Conv when the session loads."""
+    import onnx
+
+    names, seen = [], 0
+    for node in onnx.load(str(path), load_external_data=False).graph.node:
+        names.append(node.name)
+        if node.op_type == "Conv":
+            seen += 1
+            if seen == convs:
+                return names
+    return names
+
+
+def bias_correct(src: Path, dst: Path, calibration: Sequence[Feeds], skip: Sequence[str] = (),
+                 reduce_range: bool = False) -> Path:  # fmt: skip
+    """Bias correction (Nagel et al., 2019) of every Conv of ``src`` not in ``skip``: the
+    expected output shift that rounding its weights to symmetric per-channel int8 will cause,
+    sum over (in, kh, kw) of dW * mean input per channel (measured in fp32 on ``calibration``),
+    is subtracted from its bias. -> ``dst``. Measured on EfficientNet-Lite0: worst pooled cosine
+    of static QDQ vs fp32 0.98 -> 0.993 (with the stem kept in fp32)."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(src))
+    inits = {i.name: i for i in model.graph.initializer}
+    convs = [n for n in model.graph.node
+             if n.op_type == "Conv" and n.name not in set(skip) and len(n.input) == 3
+             and n.input[1] in inits and n.input[2] in inits]  # fmt: skip
+    if not convs:
+        onnx.save(model, str(dst))
+        return dst
+    probe = onnx.load(str(src))
+    inputs = sorted({n.input[0] for n in convs})
+    for name in inputs:
+        probe.graph.output.append(
+            onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
+        )
+    with tempfile.TemporaryDirectory() as tmp:
+        onnx.save(probe, str(Path(tmp) / "probe.onnx"))
+        session = cpu_session(Path(tmp) / "probe.onnx")
+        sums = dict.fromkeys(inputs, 0.0)
+        count = 0
+        for feeds in calibration:
+            for name, value in zip(inputs, session.run(inputs, dict(feeds)), strict=True):
+                sums[name] = sums[name] + value.astype(np.float64).mean(axis=(2, 3)).sum(0)
+            count += len(next(iter(feeds.values())))
+        del session
+    levels = 63.0 if reduce_range else 127.0
+    for node in convs:
+        weight = numpy_helper.to_array(inits[node.input[1]]).astype(np.float64)
+        bias = numpy_helper.to_array(inits[node.input[2]])
+        scale = np.abs(weight).reshape(len(weight), -1).max(1) / levels
+        scale = np.where(scale == 0, 1.0, scale).reshape(-1, *([1] * (weight.ndim - 1)))
+        d_weight = np.clip(np.round(weight / scale), -levels, levels) * scale - weight
+        groups = next((a.i for a in node.attribute if a.name == "group"), 1)
+        mean = sums[node.input[0]] / max(count, 1)  # (C_in,)
+        per_group_in = weight.shape[1]
+        out_per_group = len(weight) // groups
+        shift = np.empty(len(weight))
+        for o in range(len(weight)):  # dW[o] (C_in / groups, kh, kw) . mean of its inputs
+            g = o // out_per_group
+            x = mean[g * per_group_in : (g + 1) * per_group_in]
+            shift[o] = (d_weight[o].reshape(per_group_in, -1).sum(1) * x).sum()
+        corrected = (bias.astype(np.float64) - shift).astype(np.float32)
+        inits[node.input[2]].CopyFrom(numpy_helper.from_array(corrected, node.input[2]))
+    onnx.save(model, str(dst))
+    return dst
+
+
+def quantize_static_corrected(
+    src: Path, dst: Path, calibration: Iterable[Feeds], keep_fp32_convs: int = 3,
+    method: str = "percentile",
+) -> Path:  # fmt: skip
+    """Static QDQ for a CNN, the way that kept EfficientNet-Lite0 close to fp32 here: ORT's
+    pre-processing, the first ``keep_fp32_convs`` convolutions and everything before them left
+    in fp32 (``stem_nodes``), bias correction of the other convolutions (``bias_correct``), then
+    ``quantize_static_int8``. Measured on EfficientNet-Lite0 at 128 px: worst pooled cosine vs
+    fp32 0.993 (0.91 with plain static QDQ), ~2x faster at batch 1 and 32."""
+    feeds = [dict(f) for f in calibration]
+    if not feeds:
+        raise ValueError("quantize_static_corrected: no calibration feeds")
+    reduce_range = default_reduce_range()
+    with tempfile.TemporaryDirectory() as tmp:
+        prepared, corrected = Path(tmp) / "prepared.onnx", Path(tmp) / "corrected.onnx"
+        _pre_process(src, prepared)
+        exclude = stem_nodes(prepared, keep_fp32_convs)
+        bias_correct(prepared, corrected, feeds, skip=exclude, reduce_range=reduce_range)
+        return quantize_static_int8(corrected, dst, feeds, per_channel=True, method=method,
+                                    reduce_range=reduce_range, pre_process=False,
+                                    exclude_nodes=exclude)  # fmt: skip
+
+
 def model_files(path: Path) -> list[Path]:
     """The model file and the external-data files its initializers point to."""
     import onnx
