@@ -4,6 +4,7 @@ variant end to end (parity gate, missing inputs, serving), and a broken variant 
 import copy
 import itertools
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -185,3 +186,27 @@ def test_int8_export_picks_per_encoder_schemes_under_the_gate(exported):
     engine = Engine.from_bundle(bundle, device="cpu", variant="int8")
     out = engine.handle([{"image": png_bytes((30, 30), COLORS["r"])}])[0]
     assert out["label"] in ("r", "g", "b") and out["modalities"] == ["image"]
+
+
+@pytest.mark.weights
+def test_text_padding_is_decided_on_the_pytorch_encoder_for_a_variant():
+    """An int8 graph's per-batch scales see the padding, so its features always differ a
+    little between fixed and longest padding; the choice (and so the preprocessing the parity
+    gate saw) comes from the PyTorch encoder."""
+    from modalforge.data.dataset import Featurizer
+    from modalforge.encoders import create_encoder
+    from modalforge.encoders.base import EncoderOutput
+    from modalforge.export.runtime import OrtEncoder
+    from modalforge.schema import Modality
+
+    torch_encoder = create_encoder("minilm").freeze()
+    variant = OrtEncoder.__new__(OrtEncoder)  # stands in for an int8 graph: padding-sensitive
+    variant.encoder = torch_encoder
+    variant.__class__ = type("NoisyOrt", (OrtEncoder,), {
+        "__call__": lambda self, batch: EncoderOutput(
+            pooled=self.encoder(batch).pooled + 1e-3 * batch["input_ids"].shape[1])})  # fmt: skip
+    feat = Featurizer(Modality.TEXT, torch_encoder.preprocessing)
+    assert feat.text_cfg.padding == "max_length"
+    engine = SimpleNamespace(_to_device=lambda batch: batch)  # all _tune_padding needs
+    result = Engine._tune_padding(engine, feat, variant)
+    assert result["padding"] == "longest" and feat.text_cfg.padding == "longest"

@@ -385,6 +385,13 @@ class Engine:
     def _tune_padding(self, feat, encoder) -> dict[str, Any]:
         from dataclasses import replace
 
+        from modalforge.export.runtime import OrtEncoder
+
+        # decided on the PyTorch encoder: an int8 graph's per-batch activation scales see the
+        # padding, so it would always fail the check -- and its parity gate was measured with
+        # the PyTorch encoder's choice
+        if isinstance(encoder, OrtEncoder):
+            encoder = encoder.encoder
         if feat.text_cfg.padding == "longest":
             return {"padding": "longest"}
         texts = ["a short one", "a somewhat longer sentence, with a comma and more words in it"]
