@@ -9,6 +9,7 @@ added: ``ParityGateError`` says which numbers broke which rule.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import tempfile
@@ -159,7 +160,10 @@ def quantize_encoders(
         feeds += _encoder_feeds(reference, column, checks[:8], 8)
         logging.disable(logging.WARNING)  # ORT's quantizer logs a line per odd weight
         try:
-            candidates = _candidates(fp32["path"], SCHEMES[scheme], calibration)
+            # ORT's quantizers leave <uuid>.data files (external weights of big models) in the
+            # working directory: keep them in the export's temporary folder
+            with contextlib.chdir(root):
+                candidates = _candidates(fp32["path"], SCHEMES[scheme], calibration)
             _, report = choose_scheme(fp32["path"], candidates, feeds, None, check, repeats=10)
         finally:
             logging.disable(logging.NOTSET)
