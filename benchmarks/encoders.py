@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from _machine import busy_fraction, cpu_name, machine_jiffies
 from modalforge.encoders import create_encoder
 from modalforge.encoders.onnx_runtime import OnnxEncoder
 from modalforge.encoders.pretrained.whisper import SENTENCES as WHISPER_SENTENCES
@@ -49,16 +50,6 @@ SENTENCES = (
 
 
 # --------------------------------------------------------------------------- measurement
-
-
-def _proc_stat() -> tuple[int, int] | None:
-    """(total, busy) CPU jiffies of the whole machine, from /proc/stat; None off Linux."""
-    try:
-        with open("/proc/stat") as f:
-            values = [int(v) for v in f.readline().split()[1:9]]
-    except (OSError, ValueError):
-        return None
-    return sum(values), sum(values) - values[3] - values[4]  # idle and iowait are not busy
 
 
 def _own_jiffies() -> float:
@@ -87,20 +78,10 @@ class Quiet:
         self.retried = 0
         self.disturbed: list[float] = []  # foreign share of each kept block
 
-    @staticmethod
-    def busy(interval: float = 0.25) -> float:
-        """Busy fraction of all CPUs over ``interval`` seconds (this process sleeping)."""
-        first = _proc_stat()
-        time.sleep(interval)
-        last = _proc_stat()
-        if first is None or last is None:
-            return 0.0
-        return (last[1] - first[1]) / max(1, last[0] - first[0])
-
     def wait(self) -> None:
         start = time.perf_counter()
         limit = min(self.max_wait, max(0.0, self.budget - self.waited))
-        while self.busy() > self.threshold and time.perf_counter() - start < limit:
+        while busy_fraction() > self.threshold and time.perf_counter() - start < limit:
             time.sleep(0.25)
         self.waited += time.perf_counter() - start
 
@@ -109,9 +90,9 @@ class Quiet:
         attempts = []
         for _ in range(1 + self.retries):
             self.wait()
-            before, own = _proc_stat(), _own_jiffies()
+            before, own = machine_jiffies(), _own_jiffies()
             times = fn()
-            after, own = _proc_stat(), _own_jiffies() - own
+            after, own = machine_jiffies(), _own_jiffies() - own
             foreign = 0.0
             if before is not None and after is not None:
                 total = max(1, after[0] - before[0])
@@ -366,16 +347,6 @@ def measure(
 
 
 # --------------------------------------------------------------------------- report
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def plot(payload: dict, path: Path) -> None:

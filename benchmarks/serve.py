@@ -56,6 +56,8 @@ from pathlib import Path
 # at module level: FastAPI resolves the naive routes' (string) annotations in these globals
 from starlette.requests import Request
 
+from _machine import busy_fraction, cpu_name, machine_jiffies
+
 LOOPBACK = "127.0.0.1"
 OPENMP_NOTE = (
     "torch's OpenMP runtime (libgomp) gives every thread that runs a parallel region its own "
@@ -116,16 +118,6 @@ def build_bodies(manifest: Path, fields: list[str], samples: int, seed: int
 # --------------------------------------------------------------------------- CPU accounting
 
 
-def machine_jiffies() -> tuple[int, int] | None:
-    """(total, busy) CPU jiffies of the whole machine, from /proc/stat; None off Linux."""
-    try:
-        with open("/proc/stat") as f:
-            values = [int(v) for v in f.readline().split()[1:9]]
-    except (OSError, ValueError):
-        return None
-    return sum(values), sum(values) - values[3] - values[4]  # idle and iowait are not busy
-
-
 def process_seconds(pid: int) -> float | None:
     """User + system CPU seconds of a process (all its threads), from /proc/<pid>/stat."""
     try:
@@ -141,16 +133,6 @@ def loadavg() -> list[float]:
         return [float(v) for v in Path("/proc/loadavg").read_text().split()[:3]]
     except (OSError, ValueError):
         return []
-
-
-def busy_fraction(interval: float = 0.25) -> float:
-    """Busy fraction of all CPUs over ``interval`` seconds (this process sleeping)."""
-    first = machine_jiffies()
-    time.sleep(interval)
-    last = machine_jiffies()
-    if first is None or last is None:
-        return 0.0
-    return (last[1] - first[1]) / max(1, last[0] - first[0])
 
 
 class Quiet:
@@ -856,16 +838,6 @@ def plot(payload: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def versions() -> dict[str, str]:

@@ -1,0 +1,38 @@
+"""What the benchmarks read about the machine: CPU time (whole machine, from /proc/stat), how
+busy the CPUs are, and the processor's name. Imported by the scripts beside it."""
+
+from __future__ import annotations
+
+import platform
+import time
+from pathlib import Path
+
+
+def machine_jiffies() -> tuple[int, int] | None:
+    """(total, busy) CPU jiffies of the whole machine, from /proc/stat; None off Linux."""
+    try:
+        with open("/proc/stat") as f:
+            values = [int(v) for v in f.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    return sum(values), sum(values) - values[3] - values[4]  # idle and iowait are not busy
+
+
+def busy_fraction(interval: float = 0.25) -> float:
+    """Busy fraction of all CPUs over ``interval`` seconds (this process sleeping)."""
+    first = machine_jiffies()
+    time.sleep(interval)
+    last = machine_jiffies()
+    if first is None or last is None:
+        return 0.0
+    return (last[1] - first[1]) / max(1, last[0] - first[0])
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
