@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import soundfile as sf
 from PIL import Image
@@ -27,6 +28,36 @@ def wav_bytes(wave: np.ndarray, sr: int = 16_000, fmt: str = "WAV") -> bytes:
     buf = io.BytesIO()
     sf.write(buf, wave, sr, format=fmt)
     return buf.getvalue()
+
+
+# the toy task of the training, serving and export tests: 3 classes that show in the image
+# colour, in the words and in the tone's pitch
+COLORS = {"r": (220, 30, 30), "g": (30, 220, 30), "b": (30, 30, 220)}
+WORDS = {"r": "red apple", "g": "green leaf", "b": "blue sea"}
+PITCH = {"r": 300, "g": 600, "b": 900}
+
+
+def write_toy_manifest(root: Path, inputs=("image", "text", "audio"), rows: int = 60) -> Path:
+    """``rows`` rows of the toy task under ``root`` (img/, aud/, manifest.csv) -> the manifest."""
+    (root / "img").mkdir(exist_ok=True)
+    (root / "aud").mkdir(exist_ok=True)
+    records = []
+    for i in range(rows):
+        c = "rgb"[i % 3]
+        record = {}
+        if "image" in inputs:
+            (root / "img" / f"{i}.png").write_bytes(png_bytes((30, 30), COLORS[c]))
+            record["image"] = f"img/{i}.png"
+        if "text" in inputs:
+            record["text"] = f"a {WORDS[c]} {i}"
+        if "audio" in inputs:
+            (root / "aud" / f"{i}.wav").write_bytes(wav_bytes(sine(PITCH[c], 0.25)))
+            record["audio"] = f"aud/{i}.wav"
+        record["label"] = c
+        records.append(record)
+    path = root / "manifest.csv"
+    pd.DataFrame(records).to_csv(path, index=False)
+    return path
 
 
 @pytest.fixture

@@ -9,46 +9,31 @@ import time
 from pathlib import Path
 
 import httpx
-import pandas as pd
 
 from modalforge.models import EncoderSpec
 from modalforge.predictor import FitConfig, MultimodalPredictor
 from modalforge.schema import Schema
 from modalforge.train.module import OptimConfig
 
-from .conftest import png_bytes, sine, wav_bytes
+from .conftest import write_toy_manifest
 
 TINY = {
     "image": EncoderSpec("cnn", {"widths": (8, 16), "image_size": 30}),
     "text": EncoderSpec("bag_of_embeddings", {"embed_dim": 16}),
     "audio": EncoderSpec("audio_cnn", {"n_mels": 32, "channels": (8, 16), "output_dim": 16}),
 }
-COLORS = {"r": (220, 30, 30), "g": (30, 220, 30), "b": (30, 30, 220)}
-WORDS = {"r": "red apple", "g": "green leaf", "b": "blue sea"}
-PITCH = {"r": 300, "g": 600, "b": 900}
 
 
 def train_toy_bundle(root: Path, inputs=("image", "text", "audio"), fusion="attention") -> Path:
     """A tiny classifier of 3 colours (image colour, words, tone pitch agree), every input
     optional; modality dropout teaches it to predict from any one input. -> root/"toy"."""
-    (root / "img").mkdir(exist_ok=True)
-    (root / "aud").mkdir(exist_ok=True)
-    rows = []
-    for i in range(60):
-        c = "rgb"[i % 3]
-        (root / "img" / f"{i}.png").write_bytes(png_bytes((30, 30), COLORS[c]))
-        row = {"image": f"img/{i}.png", "text": f"a {WORDS[c]} {i}", "label": c}
-        if "audio" in inputs:
-            (root / "aud" / f"{i}.wav").write_bytes(wav_bytes(sine(PITCH[c], 0.25)))
-            row["audio"] = f"aud/{i}.wav"
-        rows.append(row)
-    pd.DataFrame(rows).to_csv(root / "manifest.csv", index=False)
+    manifest = write_toy_manifest(root, inputs)
     schema = Schema.from_specs([*(f"{m}={m}?" for m in inputs), "label=label"])
     optim = OptimConfig(lr=1e-2, modality_dropout=0.4)
     p = MultimodalPredictor(label="label", fusion=fusion, encoders={m: TINY[m] for m in inputs},
                             hidden=32, schema=schema, cache_dir=root / "cache",
                             fit_config=FitConfig(epochs=8, batch_size=16, patience=20, optim=optim))  # fmt: skip
-    p.fit(root / "manifest.csv", out_dir=root / "run", progress=False)
+    p.fit(manifest, out_dir=root / "run", progress=False)
     p.save(root / "toy")
     return root / "toy"
 

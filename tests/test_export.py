@@ -22,8 +22,8 @@ from modalforge.fusion import list_fusions
 from modalforge.models import EncoderSpec, ModelConfig, build_model
 from modalforge.serve import Engine, ServeConfig, create_app
 
-from .conftest import png_bytes
-from .serving import COLORS, running_server, train_toy_bundle
+from .conftest import COLORS, png_bytes
+from .serving import running_server, train_toy_bundle
 
 HEAD_INPUTS = {
     "image": EncoderSpec("cnn", {"widths": (8, 16), "image_size": 30}),

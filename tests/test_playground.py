@@ -7,8 +7,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from .conftest import png_bytes
-from .serving import COLORS, running_server, train_toy_bundle
+from .conftest import COLORS, png_bytes
+from .serving import running_server, train_toy_bundle
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")

@@ -10,7 +10,7 @@ import pytest
 from modalforge.models import EncoderSpec
 from modalforge.predictor import FitConfig, MultimodalPredictor
 
-from .conftest import png_bytes, sine, wav_bytes
+from .conftest import write_toy_manifest
 
 TINY = {
     "image": EncoderSpec("cnn", {"widths": (8, 16), "image_size": 30}),
@@ -22,20 +22,7 @@ TINY = {
 @pytest.fixture
 def toy(tmp_path):
     """60 rows, 3 classes; the class shows in the image colour, the text and the tone pitch."""
-    (tmp_path / "img").mkdir()
-    (tmp_path / "aud").mkdir()
-    colors = [(220, 30, 30), (30, 220, 30), (30, 30, 220)]
-    words = ["red apple", "green leaf", "blue sea"]
-    rows = []
-    for i in range(60):
-        c = i % 3
-        (tmp_path / "img" / f"{i}.png").write_bytes(png_bytes((30, 30), colors[c]))
-        (tmp_path / "aud" / f"{i}.wav").write_bytes(wav_bytes(sine(300 + 300 * c, 0.25)))
-        rows.append({"image": f"img/{i}.png", "text": f"a {words[c]} {i}", "audio": f"aud/{i}.wav",
-                     "label": ["r", "g", "b"][c]})  # fmt: skip
-    path = tmp_path / "manifest.csv"
-    pd.DataFrame(rows).to_csv(path, index=False)
-    return path
+    return write_toy_manifest(tmp_path)
 
 
 def fit(toy, tmp_path, fusion="concat", epochs=8, **kw):

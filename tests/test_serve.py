@@ -20,8 +20,8 @@ from modalforge.client import Client, ServerError
 from modalforge.predictor import MultimodalPredictor
 from modalforge.serve import Engine, RequestError, ServeConfig, create_app
 
-from .conftest import png_bytes, sine, wav_bytes
-from .serving import COLORS, PITCH, running_server, start_server, stop_server, train_toy_bundle
+from .conftest import COLORS, PITCH, png_bytes, sine, wav_bytes
+from .serving import running_server, start_server, stop_server, train_toy_bundle
 
 
 @pytest.fixture(scope="module")

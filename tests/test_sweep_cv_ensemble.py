@@ -18,23 +18,13 @@ from modalforge.train.ensemble import EnsemblePredictor, train_ensemble
 from modalforge.train.run import RunOptions
 from modalforge.train.sweep import sweep
 
-from .conftest import png_bytes
+from .conftest import write_toy_manifest
 
 
 @pytest.fixture
 def toy(tmp_path):
     """60 rows, 3 classes; the class shows in the image colour and in the text."""
-    (tmp_path / "img").mkdir()
-    colors = [(220, 30, 30), (30, 220, 30), (30, 30, 220)]
-    words = ["red apple", "green leaf", "blue sea"]
-    rows = []
-    for i in range(60):
-        c = i % 3
-        (tmp_path / "img" / f"{i}.png").write_bytes(png_bytes((30, 30), colors[c]))
-        rows.append({"image": f"img/{i}.png", "text": f"a {words[c]} {i}", "label": "rgb"[c]})
-    path = tmp_path / "manifest.csv"
-    pd.DataFrame(rows).to_csv(path, index=False)
-    return path
+    return write_toy_manifest(tmp_path, inputs=("image", "text"))
 
 
 def options(toy, tmp_path, **kw) -> RunOptions:
