@@ -502,16 +502,12 @@ def model_bytes(path: Path) -> int:
 
 
 def cpu_session(path: Path, threads: int | None = None):
-    """An ONNX Runtime CPU session on ``path``: all graph optimizations, ``threads`` intra-op
-    threads (None: ORT's default, one per core)."""
-    import onnxruntime as ort
+    """An ONNX Runtime CPU session on ``path``, set up exactly as the server's
+    (``export.runtime.session``), so a scheme is timed the way it will be served; ``threads``
+    intra-op threads (None: ORT's default, one per core)."""
+    from modalforge.export.runtime import session
 
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    if threads:
-        options.intra_op_num_threads = threads
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return session(path, "cpu", threads or 0)
 
 
 def _shapes(feeds: Feeds) -> dict[str, list[int]]:

@@ -27,6 +27,7 @@ def session(path: Path, device: str = "cpu", threads: int = 0):
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = threads
+    options.log_severity_level = 3  # errors only
     # ORT's workers spin between runs by default; beside torch's OpenMP threads (collation,
     # Whisper's log-mel) on a small CPU that made batch-1 requests ~6x slower (measured: 86 vs
     # 14 ms per demo sample)

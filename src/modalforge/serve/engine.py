@@ -15,7 +15,7 @@ import math
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +55,6 @@ class Sample:
 
     values: dict[str, Any]
     decode_seconds: float = 0.0
-    meta: dict[str, Any] = field(default_factory=dict)
 
 
 class Engine:
