@@ -34,7 +34,7 @@ def train_toy_bundle(root: Path, inputs=("image", "text", "audio"), fusion="atte
                             hidden=32, schema=schema, cache_dir=root / "cache",
                             fit_config=FitConfig(epochs=8, batch_size=16, patience=20, optim=optim))  # fmt: skip
     p.fit(manifest, out_dir=root / "run", progress=False)
-    p.save(root / "toy")
+    p.save(root / "toy", metrics={"val_accuracy": p.history["best_score"]})
     return root / "toy"
 
 

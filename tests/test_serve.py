@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
+from modalforge.bundle import load_bundle
 from modalforge.client import Client, ServerError
 from modalforge.predictor import MultimodalPredictor
 from modalforge.serve import Engine, RequestError, ServeConfig, create_app
@@ -116,7 +117,7 @@ def test_batch_equals_single_predictions_and_names_the_bad_item(client):
 
 
 # -- describe and operate -------------------------------------------------------------------------
-def test_models_health_ready_metrics_docs_and_playground(client):
+def test_models_health_ready_metrics_docs_and_playground(client, bundle):
     models = client.get("/v1/models").json()
     assert models["object"] == "list" and len(models["data"]) == 1
     card = models["data"][0]
@@ -127,7 +128,8 @@ def test_models_health_ready_metrics_docs_and_playground(client):
         "image": False,
         "text": False,
     }
-    assert "accuracy" in card["metrics"] or card["metrics"] == {}
+    assert card["metrics"] == load_bundle(bundle).metrics  # the bundle's, as saved
+    assert set(card["metrics"]) == {"val_accuracy"} and 0 < card["metrics"]["val_accuracy"] <= 1
     assert client.get("/v1/models/toy").json()["id"] == "toy"
     assert client.get("/v1/models/other").status_code == 404
 
