@@ -329,7 +329,7 @@ def save_bundle(
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
-        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})  # as write_weights
         _fsync(tmp / WEIGHTS_NAME)
         for name, text in asset_json.items():
             target = tmp / name
@@ -613,6 +613,13 @@ def _write_manifest_atomic(root: Path, meta: dict[str, Any]) -> None:
         Path(tmp_name).unlink(missing_ok=True)
         raise
     _fsync_dir(root)
+
+
+def write_weights(state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike[str]) -> Path:
+    """A state dict as a safetensors file the way bundles store weights (e.g. a variant's)."""
+    path = Path(path)
+    save_file(_prepare_tensors(state_dict, path), str(path), metadata={"format": "pt"})
+    return path
 
 
 def _prepare_tensors(state_dict: Mapping[str, torch.Tensor], where: Path) -> dict[str, Any]:

@@ -983,34 +983,87 @@ def export(
             "split, else its checked rows)."
         ),
     ] = None,
+    prune: Annotated[
+        float | None,
+        typer.Option(
+            help="Instead of ONNX: magnitude-prune this share (0-1) of each encoder's and the "
+            "fusion's weights, fine-tune on --manifest's train/val rows, add variant 'pruned' "
+            "(PyTorch weights). Gate: macro-F1 may drop at most 1 point."
+        ),
+    ] = None,
+    structured: Annotated[
+        bool, typer.Option(help="With --prune: zero whole output channels (L2) per layer.")
+    ] = False,
+    finetune_epochs: Annotated[
+        int, typer.Option(help="With --prune: epochs of fine-tuning with the zeros kept.")
+    ] = 3,
+    distill_into: Annotated[
+        Path | None,
+        typer.Option(
+            help="Instead of ONNX: train the student this run config (train's YAML) "
+            "describes on --manifest's train/val rows against the bundle's soft targets, add "
+            "variant 'distilled'. Gate: macro-F1 may drop at most 5 points."
+        ),
+    ] = None,
+    temperature: Annotated[float, typer.Option(help="With --distill-into: softmax T.")] = 2.0,
+    alpha: Annotated[
+        float, typer.Option(help="With --distill-into: weight of the soft-target loss.")
+    ] = 0.5,
+    max_f1_drop: Annotated[
+        float | None,
+        typer.Option(help="Override the gate: macro-F1 points (0.01 = 1) the variant may lose."),
+    ] = None,
 ) -> None:
-    """Export a bundle to ONNX (one graph per encoder + the fusion head, presence masks as
-    inputs, dynamic batch) and add it as a variant, after a parity gate on held-out rows: the
-    command fails, adding nothing, when an fp32 variant's predictions agree with PyTorch's on
-    fewer than 99.9 % of the rows, or an int8 variant (--quantize) loses more than 1 point of
-    macro-F1. Serve it with `modalforge serve BUNDLE --variant NAME`.
+    """Add a checked variant to a bundle: ONNX (one graph per encoder + the fusion head,
+    presence masks as inputs, dynamic batch; --quantize for int8), a pruned copy (--prune) or a
+    distilled student (--distill-into). Every variant is compared with the PyTorch model on
+    held-out rows (--manifest's --split rows); the command fails, adding nothing, when an fp32
+    variant's predictions agree on fewer than 99.9 % of them, or an int8 or pruned variant
+    loses more than 1 point of macro-F1 (a distilled one 5). Serve any variant with
+    `modalforge serve BUNDLE --variant NAME`.
     """
     from modalforge.bundle import BundleError
     from modalforge.data.manifest import read_manifest
     from modalforge.export import ParityGateError, export_bundle
+    from modalforge.export.compress import distill_bundle, prune_bundle
+    from modalforge.export.parity import GATES, Gate
 
     if format != "onnx":
         fail(f"unknown --format {format!r}: onnx is the one export format so far")
-    variant_name = name or ("int8" if quantize else format)
+    modes = [o for o, v in (("--quantize", quantize), ("--prune", prune),
+                            ("--distill-into", distill_into)) if v is not None]  # fmt: skip
+    if len(modes) > 1:
+        fail(f"{' and '.join(modes)}: one kind of variant per export")
+    kind = "int8" if quantize else "pruned" if prune is not None else (
+        "distilled" if distill_into else "fp32")  # fmt: skip
+    variant_name = name or {"fp32": format}.get(kind, kind)
+    rule = None if max_f1_drop is None else Gate(max_f1_drop=max_f1_drop)
+    if rule is None and kind != "fp32":
+        rule = GATES[kind]
     try:
         rows = _split_rows(manifest, split)
-        calib = None
-        if quantize:
-            calib = read_manifest(calibration) if calibration else _split_rows(manifest, "train")
         rows = rows.subset(range(min(max_rows, len(rows))))
         if len(rows) == 0:
             fail("no rows to check the variant on")
         meta = json.loads((bundle / "modalforge.json").read_text())
         with console.status(f"exporting {bundle} ({variant_name}), checking {len(rows)} rows ..."):
-            info = export_bundle(
-                bundle, rows, label=meta.get("label_column"), name=variant_name,
-                overwrite=overwrite, quantize=quantize, calibration=calib,
-            )  # fmt: skip
+            if prune is not None:
+                info = prune_bundle(bundle, read_manifest(manifest), rows, prune, structured,
+                                    finetune_epochs, name=variant_name, rule=rule,
+                                    overwrite=overwrite)  # fmt: skip
+            elif distill_into is not None:
+                info = distill_bundle(bundle, distill_into, read_manifest(manifest), rows,
+                                      temperature, alpha, name=variant_name, rule=rule,
+                                      overwrite=overwrite)  # fmt: skip
+            else:
+                calib = None
+                if quantize:
+                    calib = (read_manifest(calibration) if calibration
+                             else _split_rows(manifest, "train"))  # fmt: skip
+                info = export_bundle(
+                    bundle, rows, label=meta.get("label_column"), name=variant_name,
+                    rule=rule, overwrite=overwrite, quantize=quantize, calibration=calib,
+                )  # fmt: skip
     except ParityGateError as err:
         for key, value in err.result.items():
             err_console.print(f"  {key}: {value}")
@@ -1019,7 +1072,13 @@ def export(
         fail(str(err))
     parity = info["parity"]
     console.print(f"variant [bold]{variant_name}[/] added to {bundle} "
-                  f"(export {info['export_seconds']} s, opset {info['opset']})")  # fmt: skip
+                  f"({info['export_seconds']} s)")  # fmt: skip
+    if "sparsity" in info:
+        console.print(f"  sparsity: {info['sparsity']['model']['sparsity']:.3f} of all weights; "
+                      f"fine-tune {info['finetune']}")  # fmt: skip
+    if "params" in info:
+        console.print(f"  parameters: teacher {info['params']['teacher']:,}, "
+                      f"student {info['params']['student']:,}")  # fmt: skip
     for key in (
         "rows",
         "agreement",

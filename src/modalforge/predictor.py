@@ -201,9 +201,9 @@ class MultimodalPredictor:
             )  # fmt: skip
         return out
 
-    def _loader(
-        self, manifest: Manifest, cached, targets=None, train: bool = False, shuffle: bool = False
-    ):
+    def _loader(self, manifest: Manifest, cached, targets=None, train: bool = False,
+                shuffle: bool = False, soft: torch.Tensor | None = None):  # fmt: skip
+        """Batches of ``manifest``; ``soft``: (N, C) teacher logits, as ``batch["soft"]``."""
         frozen = set(cached)
         featurizers = {c: self._featurizer(c) for c in self.model.columns}  # type: ignore[union-attr]
         dataset = MultimodalDataset(manifest, featurizers, targets, train=train,
@@ -215,6 +215,8 @@ class MultimodalPredictor:
             batch["features"] = {c: feats[index] for c, (feats, _) in cached.items()}
             for c, (_, present) in cached.items():
                 batch["mask"][c] = present[index]
+            if soft is not None:
+                batch["soft"] = soft[index]
             return batch
 
         generator = torch.Generator().manual_seed(self.fit_config.seed)
@@ -255,9 +257,14 @@ class MultimodalPredictor:
         out_dir: str | Path | None = None,
         resume: bool = False,
         progress: bool = True,
+        teacher: MultimodalPredictor | None = None,
     ) -> MultimodalPredictor:
         """Train on ``train``; validate on ``val``, or on the manifest's ``split`` column, or on a
-        seeded stratified split. Writes checkpoints and logs under ``out_dir`` (a run folder)."""
+        seeded stratified split. Writes checkpoints and logs under ``out_dir`` (a run folder).
+
+        ``teacher``: a fitted classifier over the same labels; the model then also learns its
+        soft targets (knowledge distillation: ``fit_config.optim.distill_alpha`` weighs them,
+        ``distill_temperature`` softens both sides)."""
         import lightning as L
 
         cfg = self.fit_config
@@ -305,7 +312,47 @@ class MultimodalPredictor:
         self.model = build_model(self.config)
         self._mark_vocabularies()
         self.featurizers = {}
+        soft = None
+        if teacher is not None:
+            if self.task != "classification" or teacher.labels != self.labels:
+                raise ValueError(
+                    "distillation needs a classification teacher with the student's labels "
+                    f"(teacher: {teacher.labels}, student: {self.labels})"
+                )
+            soft = {name: self._teacher_logits(teacher, part, progress)
+                    for name, part in (("train", train_m), ("val", val_m))}  # fmt: skip
+        return self._train(train_m, val_m, out_dir, resume, progress, soft)
 
+    def _teacher_logits(
+        self, teacher: MultimodalPredictor, manifest: Manifest, progress: bool
+    ) -> torch.Tensor:
+        """The teacher's log-probabilities for every row (as logits: softmax gives back its
+        probabilities at any temperature)."""
+        probs = teacher.predict_proba(manifest, progress=progress).probs
+        return torch.from_numpy(np.log(np.clip(probs, 1e-12, None))).float()
+
+    def finetune(
+        self,
+        data: str | Path | Manifest | pd.DataFrame,
+        out_dir: str | Path | None = None,
+        progress: bool = True,
+    ) -> MultimodalPredictor:
+        """Go on training the current model (``fit_config.epochs`` more at most, early stopping
+        as in ``fit``) on the train/val rows of ``data``, split the way ``fit`` split them
+        (the manifest's ``split`` column or the same seeded split), so no test row is trained
+        on. For a pruned model with its masks still attached, the zeros stay zero."""
+        self._require_model()
+        manifest = self._clean(self._manifest(data), self.schema, progress)  # type: ignore[arg-type]
+        parts = self._split(manifest)
+        self.test_manifest = parts.get("test")
+        return self._train(parts["train"], parts["val"], out_dir, False, progress, None)
+
+    def _train(self, train_m: Manifest, val_m: Manifest, out_dir, resume: bool, progress: bool,
+               soft: dict[str, torch.Tensor] | None) -> MultimodalPredictor:  # fmt: skip
+        import lightning as L
+
+        cfg = self.fit_config
+        num_outputs = len(self.labels) if self.task == "classification" else 1  # type: ignore[arg-type]
         t0 = time.perf_counter()
         cached_train = self._cached_features(train_m, progress)
         cached_val = self._cached_features(val_m, progress)
@@ -316,7 +363,7 @@ class MultimodalPredictor:
             class_weights = torch.tensor(
                 counts.sum() / (num_outputs * np.maximum(counts, 1)), dtype=torch.float32
             )
-        module = MultimodalModule(self.model, self.task, cfg.optim, class_weights)
+        module = MultimodalModule(self.model, self.task, cfg.optim, class_weights)  # type: ignore[arg-type]
 
         run = (
             Path(out_dir)
@@ -367,8 +414,15 @@ class MultimodalPredictor:
         t0 = time.perf_counter()
         trainer.fit(
             module,
-            self._loader(train_m, cached_train, self._targets(train_m), train=True, shuffle=True),
-            self._loader(val_m, cached_val, self._targets(val_m)),
+            self._loader(
+                train_m,
+                cached_train,
+                self._targets(train_m),
+                train=True,
+                shuffle=True,
+                soft=soft and soft["train"],
+            ),
+            self._loader(val_m, cached_val, self._targets(val_m), soft=soft and soft["val"]),
             ckpt_path=str(ckpt) if resumed_from is not None else None,
         )
         train_seconds = time.perf_counter() - t0
@@ -602,11 +656,29 @@ class MultimodalPredictor:
         )  # fmt: skip
 
     @classmethod
-    def load(cls, path: str | Path, cache_dir: str | Path | None = None) -> MultimodalPredictor:
-        """Rebuild a predictor from a bundle (weights verified by hash)."""
-        from modalforge.bundle import load_bundle
+    def load(
+        cls, path: str | Path, cache_dir: str | Path | None = None, variant: str = "pytorch"
+    ) -> MultimodalPredictor:
+        """Rebuild a predictor from a bundle (weights verified by hash). ``variant``: the
+        trained weights (``pytorch``), or a PyTorch variant ``modalforge export`` added: other
+        weights for the same model (format ``safetensors``, e.g. pruned) or a model of its own
+        stored as a bundle inside the bundle (format ``bundle``, e.g. a distilled student).
+        ONNX variants run through ``Engine.from_bundle``."""
+        from modalforge.bundle import BundleError, load_bundle
 
         bundle = load_bundle(path)
+        if variant != "pytorch":
+            spec = bundle.variants.get(variant)
+            if spec is None:
+                known = sorted(bundle.variants)
+                raise BundleError(f"{path}: no variant {variant!r} (it has {known})")
+            if spec["format"] == "bundle":
+                return cls.load(bundle.path / spec["folder"], cache_dir)
+            if spec["format"] != "safetensors":
+                raise BundleError(
+                    f"{path}: variant {variant!r} is {spec['format']!r}, not PyTorch weights: "
+                    "run it with Engine.from_bundle or modalforge serve --variant"
+                )
         config_dict = {k: v for k, v in bundle.model_config.items() if k != "preprocessing"}
         config = ModelConfig.from_dict(config_dict)
         predictor = cls(label=bundle.label_column or "", task=bundle.task, fusion=config.fusion,
@@ -620,12 +692,31 @@ class MultimodalPredictor:
             for name in bundle.assets
             if name.startswith("vocab.")
         }
+        fit = bundle.extra.get("fit") or {}
+        if isinstance(fit.get("seed"), int):  # finetune() then splits the rows as fit() did
+            predictor.fit_config.seed = fit["seed"]
         model = build_model(config)
-        model.load_state_dict(bundle.state_dict())
+        model.load_state_dict(bundle.state_dict(variant))
         predictor.model = model.eval()
         predictor._mark_vocabularies()
+        if variant != "pytorch":  # other weights: other features, never the cached ones
+            predictor.mark_weights(variant)
         predictor.bundle = bundle
         return predictor
+
+    def mark_weights(self, tag: str) -> None:
+        """Give every encoder an id of its own for weights changed after training (pruned,
+        fine-tuned), so the feature cache never hands out features of the old weights."""
+        import hashlib
+
+        for column in self._require_model().columns:
+            encoder = self.model.encoder(column)  # type: ignore[union-attr]
+            digest = hashlib.sha256()
+            for name, tensor in sorted(encoder.state_dict().items()):
+                digest.update(name.encode())
+                digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+            encoder.id_extras = {**(encoder.id_extras or {}),
+                                 "weights": f"{tag}:{digest.hexdigest()[:16]}"}  # fmt: skip
 
 
 def prediction_table(probs: np.ndarray, task: str, labels: list[str] | None) -> pd.DataFrame:

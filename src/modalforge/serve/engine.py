@@ -94,7 +94,9 @@ class Engine:
                 )
             self.featurizers[column.name] = feat
         files = bundle.files if bundle is not None else {}
-        digest = files.get("model.safetensors", {}).get("sha256", "")
+        weights = [f for f in bundle.variants.get(variant, {}).get("files", [])
+                   if f.endswith(".safetensors")] if bundle is not None else []  # fmt: skip
+        digest = files.get(weights[0] if weights else "model.safetensors", {}).get("sha256", "")
         self.version = digest[:12] or "unsaved"
         self.created = int(time.time())
         self.bundle = bundle
@@ -108,17 +110,21 @@ class Engine:
         cache_dir: str | Path | None = None,
         variant: str = "pytorch",
     ) -> Engine:
-        """Load a bundle; ``variant``: ``pytorch`` (the trained weights) or an exported variant
-        the bundle lists (``modalforge export``), run with ONNX Runtime."""
-        from modalforge.bundle import BundleError
+        """Load a bundle; ``variant``: ``pytorch`` (the trained weights) or a variant the
+        bundle lists (``modalforge export``): ONNX ones run with ONNX Runtime, pruned or
+        distilled ones with PyTorch."""
+        from modalforge.bundle import BundleError, load_bundle
         from modalforge.predictor import MultimodalPredictor
 
+        variants = load_bundle(path, verify=False).variants
+        if variant not in variants:
+            raise BundleError(f"{path}: no variant {variant!r} (it has {sorted(variants)})")
+        if variants[variant]["format"] in ("safetensors", "bundle"):
+            predictor = MultimodalPredictor.load(path, cache_dir=cache_dir, variant=variant)
+            return cls(predictor, name or _default_name(Path(path)), device, variant=variant)
         predictor = MultimodalPredictor.load(path, cache_dir=cache_dir)
         model = None
         if variant != "pytorch":
-            variants = predictor.bundle.variants
-            if variant not in variants:
-                raise BundleError(f"{path}: no variant {variant!r} (it has {sorted(variants)})")
             from modalforge.export.runtime import OrtModel
 
             dev = device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -24,6 +24,11 @@ class OptimConfig:
     label_smoothing: float = 0.0
     focal_gamma: float = 2.0
     modality_dropout: float = 0.0
+    # knowledge distillation (when batches carry a teacher's logits as "soft"): the loss is
+    # alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * the hard-label loss (Hinton et
+    # al. 2015; T^2 keeps the soft part's gradients on the hard part's scale)
+    distill_alpha: float = 0.5
+    distill_temperature: float = 2.0
 
 
 def focal_loss(logits: torch.Tensor, y: torch.Tensor, gamma: float, weight=None) -> torch.Tensor:
@@ -53,14 +58,23 @@ class MultimodalModule(L.LightningModule):
     def forward(self, batch: dict[str, Any]):
         return self.model(batch.get("inputs"), batch.get("mask"), features=batch.get("features"))
 
-    def loss(self, outputs: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def loss(
+        self, outputs: torch.Tensor, y: torch.Tensor, soft: torch.Tensor | None = None
+    ) -> torch.Tensor:
         o = self.optim
         if self.task == "classification":
             if o.loss == "focal":
-                return focal_loss(outputs, y, o.focal_gamma, self.class_weights)
-            return F.cross_entropy(
-                outputs, y, weight=self.class_weights, label_smoothing=o.label_smoothing
-            )
+                hard = focal_loss(outputs, y, o.focal_gamma, self.class_weights)
+            else:
+                hard = F.cross_entropy(
+                    outputs, y, weight=self.class_weights, label_smoothing=o.label_smoothing
+                )
+            if soft is None:
+                return hard
+            t = o.distill_temperature
+            kd = F.kl_div(F.log_softmax(outputs / t, -1), F.log_softmax(soft / t, -1),
+                          reduction="batchmean", log_target=True)  # fmt: skip
+            return o.distill_alpha * t * t * kd + (1 - o.distill_alpha) * hard
         pred = outputs.squeeze(-1) if outputs.shape[-1] == 1 else outputs
         return F.huber_loss(pred, y) if o.loss == "huber" else F.mse_loss(pred, y)
 
@@ -69,7 +83,7 @@ class MultimodalModule(L.LightningModule):
             batch = {**batch, "mask": modality_dropout(batch["mask"], self.optim.modality_dropout)}
         out = self(batch).outputs
         y = batch["y"]
-        loss = self.loss(out, y)
+        loss = self.loss(out, y, batch.get("soft"))
         size = y.shape[0]
         self.log(
             f"{stage}_loss", loss, prog_bar=True, batch_size=size, on_epoch=True, on_step=False
