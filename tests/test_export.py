@@ -121,6 +121,28 @@ def test_the_server_answers_from_the_variant(exported):
         Engine.from_bundle(bundle, variant="int8")
 
 
+def test_big_encoders_keep_their_weights_in_external_data_files(bundle, monkeypatch):
+    import modalforge.encoders.onnx_runtime as ort_encoders
+
+    # every encoder counts as "big" (the real threshold is ~1.5 GB of weights)
+    monkeypatch.setattr(ort_encoders, "EXTERNAL_DATA_BYTES", 0)
+    manifest = read_manifest(bundle.parent / "manifest.csv")
+    info = export_bundle(bundle, manifest, label="label", name="onnx-external")
+    assert info["parity"]["agreement"] == 1.0
+    files = load_bundle(bundle).variants["onnx-external"]["files"]  # hashes checked
+    for column in ("audio", "image", "text"):
+        graph = bundle / info["encoders"][column]["file"]
+        listed = ort_encoders.graph_files(graph)
+        assert len(listed) == 2 and listed[1].stat().st_size > 1000
+        assert str(listed[1].relative_to(bundle)) in files
+    engine = Engine.from_bundle(bundle, device="cpu", variant="onnx-external")
+    got = engine.handle([{"image": png_bytes((30, 30), COLORS["r"])}])[0]["probabilities"]
+    want = Engine.from_bundle(bundle, device="cpu").handle(
+        [{"image": png_bytes((30, 30), COLORS["r"])}]
+    )[0]["probabilities"]
+    assert got == pytest.approx(want, abs=1e-4)
+
+
 def test_a_broken_variant_fails_the_gate_and_is_not_added(bundle, monkeypatch):
     import modalforge.export.onnx as onnx_export
 

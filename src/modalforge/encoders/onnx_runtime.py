@@ -58,6 +58,25 @@ class ParityError(RuntimeError):
     """An exported graph whose outputs differ from PyTorch's beyond tolerance."""
 
 
+#: weights above this many bytes go to a side file (``<graph>.data``): protobuf caps one
+#: serialized message at 2 GiB, and the graph's structure needs room too
+EXTERNAL_DATA_BYTES = 1_500_000_000
+
+
+def graph_files(path: Path) -> list[Path]:
+    """An ONNX file and the external-data files its initializers name (beside it)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    found = []
+    for tensor in model.graph.initializer:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            location = next(e.value for e in tensor.external_data if e.key == "location")
+            if location not in found:
+                found.append(location)
+    return [Path(path), *(Path(path).parent / name for name in found)]
+
+
 def has_core(encoder: nn.Module) -> bool:
     """Whether ``encoder`` splits its forward into ``prepare`` + a traceable
     ``forward_features`` (see the module docstring)."""
@@ -171,8 +190,15 @@ class OnnxEncoder:
         return axes if 0 in axes or tensor.dim() == 0 else (0, *axes)
 
     def _export(self, features: dict[str, torch.Tensor]) -> None:
+        import shutil
+        import tempfile
+
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp.onnx")
+        # written in a scratch folder under its final name (an external-data file is named
+        # after the graph, and the graph refers to it by that name), then moved into place
+        scratch = Path(tempfile.mkdtemp(prefix=".export-", dir=self.path.parent))
+        tmp = scratch / self.path.name
+        size = sum(t.numel() * t.element_size() for t in self.encoder.state_dict().values())
         # Dim.AUTO: dynamic where the model allows it; torch.export works out which axes are
         # equal across inputs (the batch) and specializes the ones the model fixes
         quiet_exporter()
@@ -193,15 +219,22 @@ class OnnxEncoder:
                 dynamo=True,
                 verbose=False,
             )
-            program.save(str(tmp), external_data=False)
-        tmp.replace(self.path)
+            program.save(str(tmp), external_data=size > EXTERNAL_DATA_BYTES)
+        try:
+            files = graph_files(tmp)
+            for extra in files[1:]:  # the side files first: the graph is what marks "done"
+                extra.replace(self.path.parent / extra.name)
+            tmp.replace(self.path)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
 
     def _check(self, features: dict[str, torch.Tensor], expected: torch.Tensor,
                atol: float) -> float:  # fmt: skip
         got = self._session_run(features)[0]
         diff = float(np.abs(got - expected.detach().cpu().numpy()).max())
         if not diff <= atol:
-            self.path.unlink(missing_ok=True)
+            for file in graph_files(self.path):
+                file.unlink(missing_ok=True)
             raise ParityError(
                 f"{self.encoder.name}: ONNX Runtime differs from PyTorch by {diff:.2e} "
                 f"(tolerance {atol:.0e}); the export was discarded"

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from modalforge.encoders.onnx_runtime import OnnxEncoder, quiet_exporter
+from modalforge.encoders.onnx_runtime import OnnxEncoder, graph_files, quiet_exporter
 from modalforge.models.multimodal import MultimodalModel
 
 HEAD = "onnx/head.onnx"
@@ -103,6 +103,10 @@ def export_onnx(
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(runner.path, target)
         files[encoder_file(column)] = target
+        for data in graph_files(runner.path)[1:]:  # external weights (graphs over ~1.5 GB)
+            name = f"{Path(encoder_file(column)).parent}/{data.name}"
+            shutil.copyfile(data, out_dir / name)
+            files[name] = out_dir / name
         encoders[column] = {
             "file": encoder_file(column),
             "inputs": list(runner.keys),
