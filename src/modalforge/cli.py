@@ -346,7 +346,16 @@ def train(
         str | None, typer.Option(help="Comma-separated input columns (default: all).")
     ] = None,
     task: Annotated[
-        str | None, typer.Option(help="classification or regression (default: guessed).")
+        str | None,
+        typer.Option(help="classification, regression (default: guessed) or contrastive."),
+    ] = None,
+    pairs: Annotated[
+        str | None,
+        typer.Option(
+            help="--task contrastive: columns to align, e.g. image:text,audio:text (CLIP-style "
+            "towers + projections, symmetric InfoNCE; --label then only stratifies the split "
+            "and is the zero-shot target)."
+        ),
     ] = None,
     epochs: Annotated[
         int | None, typer.Option(help="Maximum epochs (early stopping may end sooner).")
@@ -397,7 +406,10 @@ def train(
         "modality_dropout": modality_dropout, "augment": augment, "seed": seed,
         "devices": devices, "accelerator": accelerator, "strategy": strategy,
         "num_nodes": num_nodes, "columns": columns,
+        "pairs": pairs.split(",") if pairs else None,
     }  # fmt: skip
+    if pairs and task is None:
+        flags["task"] = "contrastive"
     try:
         encoders = _encoder_flags(image_encoder, text_encoder, audio_encoder, encoder)
         # command "run": without --out or a config's `out`, the folder is runs/run as before
@@ -600,8 +612,8 @@ def _many_options(command: str, out: Path | None, config: Path | None, fusion: s
     if config:
         options = RunOptions.from_yaml(config, **flags)
     else:
-        if not flags.get("manifest") or not flags.get("label"):
-            fail("--manifest and --label are required (or give them in --config)")
+        if not flags.get("manifest") or not (flags.get("label") or flags.get("pairs")):
+            fail("--manifest and --label (or --pairs) are required (or give them in --config)")
         options = RunOptions(**{k: v for k, v in flags.items() if v is not None})
     if encoders:
         options.encoders = {**options.encoders, **encoders}

@@ -147,6 +147,8 @@ class MultimodalPredictor:
                 raise ValueError(f"input columns not in the manifest's schema: {unknown}")
         if not inputs:
             raise ValueError("no input columns: declare them with a schema or --column")
+        if not self.label:  # a task without one (contrastive)
+            return Schema(tuple(inputs))
         # the label column must be required: rows without a label cannot train
         label = replace(schema[self.label], required=True)
         return Schema(tuple([*inputs, label]))
@@ -178,11 +180,14 @@ class MultimodalPredictor:
         return [c for c in self.model.columns if self.model.encoder(c).frozen]  # type: ignore[union-attr]
 
     def _cached_features(
-        self, manifest: Manifest, progress: bool = True
+        self, manifest: Manifest, progress: bool = True, columns: list[str] | None = None
     ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """Pooled features of every frozen column for every row, through the cache."""
+        """Pooled features of every frozen column (of ``columns``) for every row, through the
+        cache."""
         out = {}
         for column in self._frozen_columns():
+            if columns is not None and column not in columns:
+                continue
             encoder = self.model.encoder(column)  # type: ignore[union-attr]
             feat = self._featurizer(column)
 
@@ -239,9 +244,9 @@ class MultimodalPredictor:
             split = frame["split"].astype(str).to_numpy()
         else:
             groups = frame["group"].astype(str).tolist() if "group" in frame else None
-            strata = (
+            strata = (  # classes (or a contrastive run's label, e.g. a category) stay balanced
                 frame[self.label].astype(str).tolist()
-                if self.task == "classification"
+                if self.label in frame and self.task != "regression"
                 else ["all"] * len(frame)
             )
             split = stratified_split(strata, seed=self.fit_config.seed, groups=groups)
@@ -270,7 +275,7 @@ class MultimodalPredictor:
         cfg = self.fit_config
         L.seed_everything(cfg.seed, workers=True, verbose=False)
         manifest = self._manifest(train)
-        if self.label not in manifest.columns:
+        if self.label and self.label not in manifest.columns:
             raise ValueError(
                 f"label column {self.label!r} not in the manifest (columns: {manifest.columns})"
             )
@@ -292,24 +297,7 @@ class MultimodalPredictor:
             )
         self.test_manifest = parts.get("test")
 
-        inputs = {}
-        for column in self.schema.inputs:
-            texts = (
-                [str(v) for v in train_m.frame[column.name] if not is_missing(v)]
-                if column.modality is Modality.TEXT
-                else []
-            )
-            inputs[column.name] = self._encoder_spec(column.name, column.modality, texts)
-        num_outputs = len(self.labels) if self.task == "classification" else 1
-        self.config = ModelConfig(
-            task=self.task,
-            inputs=inputs,
-            num_outputs=num_outputs,
-            fusion=self.fusion,
-            fusion_kwargs=self.fusion_kwargs,
-            hidden=self.hidden,
-        )
-        self.model = build_model(self.config)
+        self._build(self._input_specs(train_m))
         self._mark_vocabularies()
         self.featurizers = {}
         soft = None
@@ -322,6 +310,34 @@ class MultimodalPredictor:
             soft = {name: self._teacher_logits(teacher, part, progress)
                     for name, part in (("train", train_m), ("val", val_m))}  # fmt: skip
         return self._train(train_m, val_m, out_dir, resume, progress, soft)
+
+    def _input_specs(self, train_m: Manifest) -> dict[str, EncoderSpec]:
+        """Each input column's encoder (word vocabularies built on the training rows)."""
+        inputs = {}
+        for column in self.schema.inputs:  # type: ignore[union-attr]
+            texts = (
+                [str(v) for v in train_m.frame[column.name] if not is_missing(v)]
+                if column.modality is Modality.TEXT
+                else []
+            )
+            inputs[column.name] = self._encoder_spec(column.name, column.modality, texts)
+        return inputs
+
+    def _build(self, inputs: dict[str, EncoderSpec]) -> None:
+        """``self.config`` and ``self.model`` for these input encoders."""
+        num_outputs = len(self.labels) if self.task == "classification" else 1  # type: ignore[arg-type]
+        self.config = ModelConfig(task=self.task, inputs=inputs, num_outputs=num_outputs,  # type: ignore[arg-type]
+                                  fusion=self.fusion, fusion_kwargs=self.fusion_kwargs,
+                                  hidden=self.hidden)  # fmt: skip
+        self.model = self._new_model()
+
+    def _new_model(self):
+        """The architecture ``self.config`` describes, freshly initialized."""
+        return build_model(self.config)  # type: ignore[arg-type]
+
+    def _module(self, class_weights: torch.Tensor | None):
+        """The LightningModule that trains ``self.model``."""
+        return MultimodalModule(self.model, self.task, self.fit_config.optim, class_weights)  # type: ignore[arg-type]
 
     def _teacher_logits(
         self, teacher: MultimodalPredictor, manifest: Manifest, progress: bool
@@ -363,7 +379,7 @@ class MultimodalPredictor:
             class_weights = torch.tensor(
                 counts.sum() / (num_outputs * np.maximum(counts, 1)), dtype=torch.float32
             )
-        module = MultimodalModule(self.model, self.task, cfg.optim, class_weights)  # type: ignore[arg-type]
+        module = self._module(class_weights)
 
         run = (
             Path(out_dir)
@@ -644,7 +660,7 @@ class MultimodalPredictor:
             path,
             task=self.task,  # type: ignore[arg-type]
             schema=self.schema,  # type: ignore[arg-type]
-            label_column=self.label,
+            label_column=self.label or None,
             labels=self.labels if self.task == "classification" else None,
             model_config=config,
             state_dict=model.state_dict(),
@@ -680,13 +696,20 @@ class MultimodalPredictor:
                     "run it with Engine.from_bundle or modalforge serve --variant"
                 )
         config_dict = {k: v for k, v in bundle.model_config.items() if k != "preprocessing"}
-        config = ModelConfig.from_dict(config_dict)
-        predictor = cls(label=bundle.label_column or "", task=bundle.task, fusion=config.fusion,
-                        fusion_kwargs=config.fusion_kwargs, hidden=config.hidden,
-                        cache_dir=cache_dir)  # fmt: skip
+        if bundle.task == "contrastive":
+            from modalforge.contrastive import ContrastivePredictor
+
+            predictor: MultimodalPredictor = ContrastivePredictor.from_config(
+                config_dict, label=bundle.label_column, cache_dir=cache_dir
+            )
+        else:
+            config = ModelConfig.from_dict(config_dict)
+            predictor = cls(label=bundle.label_column or "", task=bundle.task,
+                            fusion=config.fusion, fusion_kwargs=config.fusion_kwargs,
+                            hidden=config.hidden, cache_dir=cache_dir)  # fmt: skip
+            predictor.config = config
         predictor.schema = bundle.schema
         predictor.labels = bundle.labels or None
-        predictor.config = config
         predictor.vocabs = {
             name[len("vocab.") : -len(".json")]: WordVocab.from_dict(bundle.asset(name))
             for name in bundle.assets
@@ -695,7 +718,7 @@ class MultimodalPredictor:
         fit = bundle.extra.get("fit") or {}
         if isinstance(fit.get("seed"), int):  # finetune() then splits the rows as fit() did
             predictor.fit_config.seed = fit["seed"]
-        model = build_model(config)
+        model = predictor._new_model()
         model.load_state_dict(bundle.state_dict(variant))
         predictor.model = model.eval()
         predictor._mark_vocabularies()

@@ -113,7 +113,11 @@ class MultimodalModule(L.LightningModule):
         ]
         encoder_ids = {id(p) for p in encoder_params}
         rest = [p for p in self.model.parameters() if p.requires_grad and id(p) not in encoder_ids]
-        groups = [{"params": rest, "lr": o.lr}]
+        # scalars (a contrastive model's learned temperature) are not decayed towards 0
+        scalars = [p for p in rest if p.dim() == 0]
+        groups = [{"params": [p for p in rest if p.dim() > 0], "lr": o.lr}]
+        if scalars:
+            groups.append({"params": scalars, "lr": o.lr, "weight_decay": 0.0})
         if encoder_params:
             groups.append({"params": encoder_params, "lr": o.encoder_lr})
         optimizer = torch.optim.AdamW(groups, weight_decay=o.weight_decay)
@@ -131,3 +135,28 @@ class MultimodalModule(L.LightningModule):
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
         }
+
+
+class ContrastiveModule(MultimodalModule):
+    """Trains a ``ContrastiveModel``: symmetric InfoNCE over its pairs of columns, the learned
+    temperature clamped after every optimizer step."""
+
+    def __init__(self, model, optim: OptimConfig) -> None:
+        super().__init__(model, "contrastive", optim)
+
+    def _step(self, batch: dict[str, Any], stage: str) -> torch.Tensor:
+        from modalforge.models.contrastive import contrastive_loss
+
+        mask = batch["mask"]
+        if stage == "train" and self.optim.modality_dropout > 0:
+            mask = modality_dropout(mask, self.optim.modality_dropout)
+        out = self.model(batch.get("inputs"), mask, features=batch.get("features"))
+        loss = contrastive_loss(out, self.model.config.pairs, mask)
+        size = len(batch["index"])
+        self.log(f"{stage}_loss", loss, prog_bar=True, batch_size=size, on_epoch=True,
+                 on_step=False)  # fmt: skip
+        self.log("temperature", 1 / out.scale, batch_size=size, on_epoch=True, on_step=False)
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        self.model.clamp_()

@@ -27,9 +27,13 @@ DEFAULT_AUGMENT = Augment(image_crop=0.15, image_jitter=0.2, audio_noise=0.05, a
 @dataclass
 class RunOptions:
     manifest: str
-    label: str
+    label: str | None = None  # required but for --task contrastive (there: stratifies the split)
     out: str = "runs/run"
-    task: str | None = None
+    task: str | None = None  # classification | regression | contrastive (None: guessed)
+    # contrastive: the columns aligned with each other, e.g. ["image:text", "audio:text"]
+    pairs: list[str] | None = None
+    embed_dim: int = 256  # contrastive: the shared embedding width
+    projection: str = "mlp"  # contrastive: each tower's projection head (mlp | linear)
     fusion: str = "concat"
     fusion_kwargs: dict[str, Any] = field(default_factory=dict)
     # column or modality -> encoder name, e.g. {"image": "efficientnet_lite0"}
@@ -111,6 +115,16 @@ class RunOptions:
         schema = None
         if self.schema:
             schema = Schema.from_specs(f"{name}={kind}" for name, kind in self.schema.items())
+        if self.task == "contrastive":
+            from modalforge.contrastive import ContrastivePredictor
+
+            return ContrastivePredictor(self.pairs or [], label=self.label, encoders=specs,
+                                        schema=schema, embed_dim=self.embed_dim,
+                                        projection=self.projection, fit_config=fit,
+                                        cache_dir=self.cache_dir,
+                                        on_bad_row=self.on_bad_row)  # fmt: skip
+        if not self.label:
+            raise ValueError("a label column is needed (--label), except for --task contrastive")
         return MultimodalPredictor(label=self.label, task=self.task, fusion=self.fusion,
                                    fusion_kwargs=self.fusion_kwargs, encoders=specs,
                                    columns=self.columns, schema=schema, hidden=self.hidden,

@@ -1,0 +1,161 @@
+"""Contrastive alignment with tiny towers: the loss, the clamped temperature, training on a toy
+set, evaluation, and the bundle round trip."""
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+
+from modalforge.contrastive import ContrastivePredictor, parse_pairs
+from modalforge.models import EncoderSpec
+from modalforge.models.contrastive import (
+    ContrastiveConfig,
+    build_contrastive,
+    clip_loss,
+    contrastive_loss,
+)
+from modalforge.predictor import FitConfig, MultimodalPredictor
+from modalforge.schema import Schema
+from modalforge.train.module import ContrastiveModule, OptimConfig
+
+from .conftest import COLORS, PITCH, WORDS, png_bytes, sine, wav_bytes
+
+TINY = {
+    "image": EncoderSpec("cnn", {"widths": (8, 16), "image_size": 30}),
+    "text": EncoderSpec("bag_of_embeddings", {"embed_dim": 16}),
+    "audio": EncoderSpec("audio_cnn", {"n_mels": 32, "channels": (8, 16), "output_dim": 16}),
+}
+# built without a manifest: the word vocabulary's size given
+DIRECT = {**TINY, "text": EncoderSpec("bag_of_embeddings", {"embed_dim": 16, "vocab_size": 40})}
+
+
+def test_clip_loss_is_symmetric_infonce():
+    a = F.normalize(torch.randn(6, 8), dim=-1)
+    b = F.normalize(torch.randn(6, 8), dim=-1)
+    scale = torch.tensor(10.0)
+    logits = 10.0 * a @ b.T
+    want = 0
+    for i in range(6):  # -log softmax of the matching column, over rows and over columns
+        want -= torch.log_softmax(logits[i], 0)[i] / 12
+        want -= torch.log_softmax(logits[:, i], 0)[i] / 12
+    assert clip_loss(a, b, scale).item() == pytest.approx(want.item(), rel=1e-5)
+    assert clip_loss(a, a, torch.tensor(100.0)).item() < 1e-3  # aligned: nothing to learn
+
+
+def test_pairs_use_only_rows_with_both_columns():
+    config = ContrastiveConfig(inputs=dict(DIRECT), pairs=[("image", "text"), ("audio", "text")])
+    model = build_contrastive(config)
+    e = {c: F.normalize(torch.randn(4, 256), dim=-1) for c in ("audio", "image", "text")}
+    out = type("Out", (), {"embeddings": e, "scale": torch.tensor(14.0)})()
+    mask = {"image": torch.tensor([1, 1, 0, 1]), "text": torch.tensor([1, 1, 1, 0]),
+            "audio": torch.tensor([0, 0, 0, 1])}  # fmt: skip
+    got = contrastive_loss(out, config.pairs, mask)  # audio:text has 0 rows with both: skipped
+    assert got.item() == pytest.approx(clip_loss(e["image"][:2], e["text"][:2], out.scale).item())
+    assert model.scale.item() == pytest.approx(1 / 0.07, rel=1e-5)
+
+
+def test_temperature_stays_clamped():
+    config = ContrastiveConfig(inputs=dict(DIRECT), pairs=[("image", "text")], max_logit_scale=20.0)
+    model = build_contrastive(config)
+    module = ContrastiveModule(model, OptimConfig())
+    with torch.no_grad():
+        model.logit_scale.fill_(10.0)  # exp(10) = 22026: far above the cap
+    assert model.scale.item() == pytest.approx(20.0)  # the forward never sees more
+    module.on_train_batch_end(None, None, 0)  # after each optimizer step
+    assert model.logit_scale.item() == pytest.approx(math.log(20.0))
+    with torch.no_grad():
+        model.logit_scale.fill_(-3.0)
+    module.on_train_batch_end(None, None, 0)
+    assert model.logit_scale.item() == 0.0  # temperature at most 1
+
+
+def test_bad_pairs_are_refused():
+    with pytest.raises(ValueError, match="A:B"):
+        parse_pairs("image-text")
+    with pytest.raises(ValueError, match="two different input columns"):
+        ContrastiveConfig(inputs=dict(TINY), pairs=[("image", "image")])
+    with pytest.raises(ValueError, match="at least one pair"):
+        parse_pairs("")
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    """90 rows: a coloured square, its colour's words, a tone of its colour's pitch; the colour's
+    name ("red") as the zero-shot label."""
+    root = tmp_path_factory.mktemp("clip")
+    (root / "img").mkdir()
+    (root / "aud").mkdir()
+    rows = []
+    for i in range(90):
+        c = "rgb"[i % 3]
+        shade = tuple(min(255, max(0, v + (i % 7) * 5 - 15)) for v in COLORS[c])
+        (root / "img" / f"{i}.png").write_bytes(png_bytes((30, 30), shade))
+        (root / "aud" / f"{i}.wav").write_bytes(wav_bytes(sine(PITCH[c] + i % 5, 0.25)))
+        rows.append({"image": f"img/{i}.png", "text": WORDS[c], "audio": f"aud/{i}.wav",
+                     "colour": WORDS[c].split()[0]})  # fmt: skip
+    path = root / "manifest.csv"
+    pd.DataFrame(rows).to_csv(path, index=False)
+    return path
+
+
+@pytest.fixture(scope="module")
+def fitted(toy):
+    optim = OptimConfig(lr=3e-3, warmup_ratio=0.0)
+    schema = Schema.from_specs(["image=image", "text=text", "audio=audio"])  # 3 words: text
+    p = ContrastivePredictor("image:text,audio:text", label="colour", encoders=dict(TINY),
+                             embed_dim=32, schema=schema, cache_dir=toy.parent / "cache",
+                             fit_config=FitConfig(epochs=12, batch_size=16, patience=20,
+                                                  optim=optim))  # fmt: skip
+    before = _loss(p, toy, fresh=True)
+    p.fit(toy, out_dir=toy.parent / "run", progress=False)
+    return p, before
+
+
+def _loss(p: ContrastivePredictor, manifest, fresh: bool = False) -> float:
+    """The mean InfoNCE over both pairs on all rows, with the predictor's current towers."""
+    if fresh:  # what fit() would start from
+        p.schema = p._resolve_schema(p._manifest(manifest))
+        p._build(p._input_specs(p._manifest(manifest)))
+        p._mark_vocabularies()
+    e = {c: torch.from_numpy(p.embed(manifest, c)[0]) for c in ("image", "text", "audio")}
+    scale = p.model.scale.detach()
+    return float(sum(clip_loss(e[a], e[b], scale) for a, b in p.pairs) / 2)
+
+
+def test_training_lowers_the_loss_and_aligns_the_towers(fitted, toy):
+    p, before = fitted
+    after = _loss(p, toy)
+    assert after < before - 0.3, (before, after)
+    result = p.evaluate(toy, zero_shot=["colour"])
+    # three colours: the right one of three words / pictures is near-certain after training
+    assert result["retrieval"]["image→text"]["recall@1"] > 0.9
+    assert result["retrieval"]["text→image"]["recall@1"] > 0.9
+    assert result["zero_shot"]["image→colour"]["accuracy"] > 0.9
+    assert result["zero_shot"]["audio→colour"]["classes"] == 3
+    assert 0 < result["temperature"] <= 1
+
+
+def test_the_bundle_round_trip_gives_the_same_embeddings(fitted, toy, tmp_path):
+    p, _ = fitted
+    p.save(tmp_path / "bundle")
+    loaded = MultimodalPredictor.load(tmp_path / "bundle")
+    assert isinstance(loaded, ContrastivePredictor) and loaded.pairs == p.pairs
+    for column in ("image", "text", "audio"):
+        np.testing.assert_allclose(loaded.embed(toy, column)[0], p.embed(toy, column)[0],
+                                   atol=1e-5)  # fmt: skip
+    vectors, present = loaded.embed(["red", "blue"], "text")
+    assert vectors.shape == (2, 32) and present.all()
+    assert np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-5)
+
+
+def test_evaluate_writes_the_report_with_a_retrieval_grid(fitted, toy, tmp_path):
+    p, _ = fitted
+    result = p.evaluate(toy, out_dir=tmp_path)
+    report = (tmp_path / "report.md").read_text()
+    assert "image→text" in report and "Zero-shot" in report
+    grid = tmp_path / "retrieval-text-image.png"
+    assert grid.stat().st_size > 20_000 and f"({grid.name})" in report
+    assert result["headline"]["image→text R@1"] == result["retrieval"]["image→text"]["recall@1"]
