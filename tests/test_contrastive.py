@@ -159,3 +159,92 @@ def test_evaluate_writes_the_report_with_a_retrieval_grid(fitted, toy, tmp_path)
     grid = tmp_path / "retrieval-text-image.png"
     assert grid.stat().st_size > 20_000 and f"({grid.name})" in report
     assert result["headline"]["image→text R@1"] == result["retrieval"]["image→text"]["recall@1"]
+
+
+@pytest.fixture(scope="module")
+def served(fitted, tmp_path_factory):
+    p, _ = fitted
+    path = tmp_path_factory.mktemp("clip-bundle") / "clip"
+    p.save(path)
+    return p, path
+
+
+def test_embeddings_route_speaks_openai(served):
+    import base64
+
+    from fastapi.testclient import TestClient
+
+    from modalforge.serve import Engine, ServeConfig, create_app
+
+    p, path = served
+    engine = Engine.from_bundle(path, device="cpu")
+    assert engine.card()["embedding_dim"] == 32 and engine.card()["pairs"] == ["image:text",
+                                                                                "audio:text"]
+    red = png_bytes((30, 30), COLORS["r"])
+    url = "data:image/png;base64," + base64.b64encode(red).decode()
+    with TestClient(create_app(engine, ServeConfig())) as c:
+        r = c.post("/v1/embeddings", json={"model": engine.name, "input": ["red", url]})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["object"] == "list" and [d["index"] for d in body["data"]] == [0, 1]
+        want_text = p.embed(["red"], "text")[0][0]
+        want_image = p.embed(pd.DataFrame({"image": [red]}).assign(image=[None]), "image")
+        assert np.allclose(body["data"][0]["embedding"], want_text, atol=1e-5)
+        assert want_image[1].sum() == 0  # (a missing image embeds to zeros)
+        b64 = c.post("/v1/embeddings", json={"input": "red", "encoding_format": "base64"}).json()
+        vector = np.frombuffer(base64.b64decode(b64["data"][0]["embedding"]), dtype="<f4")
+        assert np.allclose(vector, want_text, atol=1e-5)
+        image_vec = np.asarray(body["data"][1]["embedding"])
+        assert np.linalg.norm(image_vec) == pytest.approx(1, abs=1e-4)
+        # the image is nearer its own colour's words than the others'
+        words = {w: c.post("/v1/embeddings", json={"input": w}).json()["data"][0]["embedding"]
+                 for w in ("red apple", "green leaf", "blue sea")}  # fmt: skip
+        assert max(words, key=lambda w: float(np.dot(words[w], image_vec))) == "red apple"
+        for bad, status, needle in [
+            ({"input": "http://example.com/x.png"}, 422, "not fetched"),
+            ({"input": []}, 422, "list of 1"),
+            ({"input": "red", "encoding_format": "int8"}, 422, "encoding_format"),
+            ({"input": "red", "dimensions": 8}, 422, "32"),
+            ({"input": "red", "extra": 1}, 422, "unknown field"),
+            ({"input": ["red", "data:video/mp4;base64,AAAA"]}, 422, "input[1]"),
+            ({"model": "other", "input": "red"}, 404, "not served"),
+        ]:
+            r = c.post("/v1/embeddings", json=bad)
+            assert r.status_code == status and needle in r.json()["error"]["message"], (bad, r.text)
+
+
+def test_a_classifier_refuses_embeddings(tmp_path):
+    from fastapi.testclient import TestClient
+
+    from modalforge.serve import Engine, ServeConfig, create_app
+
+    from .serving import train_toy_bundle
+
+    engine = Engine.from_bundle(train_toy_bundle(tmp_path, inputs=("text",)), device="cpu")
+    with TestClient(create_app(engine, ServeConfig())) as c:
+        r = c.post("/v1/embeddings", json={"input": "red"})
+        assert r.status_code == 422 and "contrastive" in r.json()["error"]["message"]
+
+
+def test_openai_package_embeds_through_a_real_server(served):
+    import base64
+
+    openai = pytest.importorskip("openai")
+    from .serving import running_server
+
+    p, path = served
+    want = p.embed(["red apple", "blue sea"], "text")[0]
+    with running_server(path) as (url, _):
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused")
+        name = client.models.list().data[0].id
+        got = client.embeddings.create(model=name, input=["red apple", "blue sea"],
+                                       encoding_format="float")  # fmt: skip
+        assert [d.index for d in got.data] == [0, 1]
+        np.testing.assert_allclose([d.embedding for d in got.data], want, atol=1e-5)
+        # asked for explicitly, base64 comes back as the string the server sent
+        raw = client.embeddings.create(model=name, input="blue sea", encoding_format="base64")
+        vector = np.frombuffer(base64.b64decode(raw.data[0].embedding), dtype="<f4")
+        np.testing.assert_allclose(vector, want[1], atol=1e-5)
+        # by default the package asks for base64 and decodes it itself
+        default = client.embeddings.create(model=name, input="red apple")
+        np.testing.assert_allclose(default.data[0].embedding, want[0], atol=1e-5)

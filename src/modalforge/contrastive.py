@@ -81,6 +81,17 @@ class ContrastivePredictor(MultimodalPredictor):
         return predictor
 
     # -- the parts of fit() that differ -----------------------------------------------------
+    def _resolve_schema(self, manifest: Manifest):
+        """Every tower's input is optional: a row trains the pairs it has, and an embedding is
+        asked for one input at a time."""
+        from dataclasses import replace
+
+        from modalforge.schema import Schema
+
+        schema = super()._resolve_schema(manifest)
+        return Schema(tuple(replace(c, required=False) if c.name in self.columns else c
+                            for c in schema.columns))  # fmt: skip
+
     def _build(self, inputs: dict[str, EncoderSpec]) -> None:
         self.config = ContrastiveConfig(inputs=inputs, pairs=self.pairs, embed_dim=self.embed_dim,
                                         projection=self.projection)  # fmt: skip

@@ -10,6 +10,7 @@ Routes: ``POST /v1/predict`` (JSON or multipart), ``POST /v1/predict/batch``, ``
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import functools
 import hmac
@@ -22,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
@@ -34,6 +36,7 @@ from modalforge.serve.requests import (
     JSON,
     batch_items,
     check_body,
+    decode_base64,
     json_fields,
     load_json,
     multipart_fields,
@@ -333,15 +336,72 @@ def create_app(engine: Engine, config: ServeConfig | None = None) -> FastAPI:
             except RequestError as err:
                 raise _at(err, i) from None
 
+        results = await each(fields, "inputs")
+        return JSONResponse({**envelope({}), "predictions": results})
+
+    async def each(fields: list[dict[str, Any]], where: str) -> list[dict[str, Any]]:
+        """Every item through the batcher on its own (batched with whatever else is queued); a
+        refusal names its item as ``where[i]``."""
+
         async def one(i: int, f: dict[str, Any]):
             try:
                 with admission() as ticket:
                     return await result_of(ticket, f)
             except RequestError as err:
-                raise _at(err, i) from None
+                raise _at(err, i, where) from None
 
-        results = await asyncio.gather(*(one(i, f) for i, f in enumerate(fields)))
-        return JSONResponse({**envelope({}), "predictions": list(results)})
+        return list(await asyncio.gather(*(one(i, f) for i, f in enumerate(fields))))
+
+    @app.post("/v1/embeddings", tags=["embeddings"],
+              summary="Embeddings of texts, images or audio (OpenAI format)")  # fmt: skip
+    async def embeddings(request: Request):
+        """OpenAI's request: ``{"model", "input": str | [str], "encoding_format": "float" |
+        "base64"}``. A plain string goes to the text tower (``input_type``: which text column,
+        when there are several); a ``data:image/...;base64,`` or ``data:audio/...`` URL to the
+        image or audio tower. Other URLs are never fetched."""
+        if engine.task != "contrastive":
+            raise RequestError(
+                f"{engine.name!r} is a {engine.task} model: embeddings come from a contrastive "
+                "bundle (train --task contrastive)",
+                param="model",
+            )
+        body = await request.body()
+        if check_body(body, request.headers.get("content-type")) != JSON:
+            raise RequestError("embeddings are requested as application/json", status=415)
+        obj = load_json(body)
+        if not isinstance(obj, dict):
+            raise RequestError("expected a JSON object with 'input'")
+        model_param(obj)
+        fmt = obj.pop("encoding_format", None) or "float"
+        if fmt not in ("float", "base64"):
+            raise RequestError("encoding_format is 'float' or 'base64'", param="encoding_format")
+        dims = obj.pop("dimensions", None)
+        if dims is not None and dims != engine.embedding_dim:
+            raise RequestError(f"dimensions: this model's embeddings have {engine.embedding_dim}",
+                               param="dimensions")  # fmt: skip
+        text_column = obj.pop("input_type", None)
+        obj.pop("user", None)
+        if "input" not in obj:
+            raise RequestError("'input' is required (a string or a list of strings)", param="input")
+        items = obj.pop("input")
+        if obj:
+            raise RequestError(f"unknown field(s) {sorted(obj)}", param=sorted(obj)[0])
+        items = [items] if isinstance(items, str) else items
+        if not isinstance(items, list) or not items or len(items) > config.max_batch_items:
+            raise RequestError(f"'input' is a string or a list of 1 to {config.max_batch_items} "
+                               "strings", param="input")  # fmt: skip
+        fields = [embedding_fields(engine, item, text_column, f"input[{i}]")
+                  for i, item in enumerate(items)]  # fmt: skip
+        results = await each(fields, "input")
+        data = []
+        for i, (f, r) in enumerate(zip(fields, results, strict=True)):
+            vector = r["embeddings"][next(iter(f))]
+            if fmt == "base64":  # what the openai package asks for: little-endian float32
+                vector = base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode()
+            data.append({"object": "embedding", "index": i, "embedding": vector})
+        tokens = sum(len(v.split()) for f in fields for v in f.values() if isinstance(v, str))
+        usage = {"prompt_tokens": tokens, "total_tokens": tokens}
+        return JSONResponse({"object": "list", "data": data, "model": engine.name, "usage": usage})
 
     # -- describe -------------------------------------------------------------------------------
     @app.get("/v1/models", tags=["models"], summary="The served model (OpenAI list format)")
@@ -391,13 +451,38 @@ class _Busy(Exception):
         self.queue_full = queue_full
 
 
-def _at(err: RequestError, i: int) -> RequestError:
+def _at(err: RequestError, i: int, where: str = "inputs") -> RequestError:
+    if err.message.startswith(f"{where}[{i}]"):  # named already
+        return err
     return RequestError(
-        f"inputs[{i}]: {err.message}",
+        f"{where}[{i}]: {err.message}",
         err.status,
-        f"inputs[{i}].{err.param}" if err.param else f"inputs[{i}]",
+        f"{where}[{i}].{err.param}" if err.param else f"{where}[{i}]",
         err.kind,
     )
+
+
+def embedding_fields(engine: Engine, item: Any, text_column: str | None, where: str) -> dict:
+    """One ``/v1/embeddings`` input -> the request fields of the tower that reads it."""
+    if not isinstance(item, str) or not item.strip():
+        raise RequestError(f"{where}: expected a non-empty string", param=where)
+    towers = {c.modality.value: c.name for c in reversed(engine.inputs)}  # first of each kind
+    if item.startswith("data:"):
+        kind = item[5:].split("/", 1)[0].lower()
+        if kind not in ("image", "audio") or kind not in towers:
+            have = sorted(k for k in towers if k in ("image", "audio"))
+            raise RequestError(f"{where}: a data: URL of {kind!r}; this model embeds data: URLs "
+                               f"of {have or 'no kind'}", param=where)  # fmt: skip
+        return {towers[kind]: decode_base64(item, where)}
+    if "://" in item[:16]:
+        raise RequestError(f"{where}: URLs are not fetched; send a data: URL", param=where)
+    texts = [c.name for c in engine.inputs if c.modality.value == "text"]
+    column = text_column or (texts[0] if texts else None)
+    if column not in texts:
+        raise RequestError(f"input_type {text_column!r}: the text towers are {texts}"
+                           if text_column else f"{where}: this model has no text tower",
+                           param="input_type" if text_column else where)  # fmt: skip
+    return {column: item}
 
 
 def _authorized(headers: dict[bytes, bytes], key: str) -> bool:

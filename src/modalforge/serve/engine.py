@@ -151,10 +151,18 @@ class Engine:
             "label_column": self.predictor.label,
             "schema": self.predictor.schema.to_dict(),
             "metrics": bundle.metrics if bundle is not None else {},
-            "fusion": self.predictor.fusion,
+            "fusion": None if self.task == "contrastive" else self.predictor.fusion,
             "encoders": {c: s.name for c, s in self.predictor.config.inputs.items()},
             "serving": {"device": str(self.device), "tuning": self.tuning},
-        }
+            **({"pairs": [f"{a}:{b}" for a, b in self.predictor.pairs],
+                "embedding_dim": self.embedding_dim} if self.task == "contrastive" else {}),
+        }  # fmt: skip
+
+    @property
+    def embedding_dim(self) -> int | None:
+        """A contrastive bundle's embedding width (None for other tasks)."""
+        config = self.predictor.config
+        return getattr(config, "embed_dim", None) if self.task == "contrastive" else None
 
     # -- decode (per request, any thread) -----------------------------------------------------
     def decode(self, fields: Mapping[str, Any]) -> Sample:
@@ -291,8 +299,11 @@ class Engine:
 
     @torch.inference_mode()
     def predict(self, samples: list[Sample]) -> list[dict[str, Any]]:
-        """A batch of samples -> one result dict each (label, probabilities, contributions)."""
+        """A batch of samples -> one result dict each (label, probabilities, contributions; a
+        contrastive bundle: each given input's embedding)."""
         feats, mask = self.features(samples)
+        if self.task == "contrastive":
+            return self._embeddings(feats, mask)
         columns = [c.name for c in self.inputs]
         n, k = len(samples), 1 + len(columns)
         # copy 0: every input; copy j: input j masked out
@@ -309,6 +320,17 @@ class Engine:
         weights = None if out.weights is None else out.weights[:n].float().cpu().numpy()
         present = {c: mask[c].cpu().numpy() for c in columns}
         return [self._result(i, values, weights, present, columns) for i in range(n)]
+
+    def _embeddings(self, feats, mask) -> list[dict[str, Any]]:
+        """Unit-length embeddings of every given input (towers + projections)."""
+        vectors = {c: self.model.project(c, f).float().cpu().numpy() for c, f in feats.items()}
+        present = {c: m.cpu().numpy() for c, m in mask.items()}
+        out = []
+        for i in range(len(next(iter(present.values())))):
+            used = [c for c in present if present[c][i]]
+            out.append({"embeddings": {c: vectors[c][i].tolist() for c in used},
+                        "modalities": used})  # fmt: skip
+        return out
 
     def _result(self, i: int, values: np.ndarray, weights, present, columns) -> dict[str, Any]:
         used = [c for c in columns if present[c][i]]

@@ -40,7 +40,9 @@ class RunOptions:
     encoders: dict[str, str] = field(default_factory=dict)
     # column or modality -> constructor arguments, e.g. {"image": {"image_size": 128}}
     encoder_kwargs: dict[str, dict[str, Any]] = field(default_factory=dict)
-    finetune: str | None = None  # frozen | top:N | full; None: pretrained frozen, others full
+    # frozen | top:N | full (None: pretrained frozen, others full), for every encoder or per
+    # column / modality, e.g. {"image": "top:4", "text": "top:2"} (LiT: {"image": "frozen"})
+    finetune: str | dict[str, str] | None = None
     columns: list[str] | None = None
     # column -> type, "?" = optional (may be missing at prediction time), e.g. {"audio": "audio?"};
     # columns not named here are inferred
@@ -79,6 +81,11 @@ class RunOptions:
         data.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**data)
 
+    def _finetune(self, key: str) -> str | None:
+        if isinstance(self.finetune, dict):
+            return self.finetune.get(key)
+        return self.finetune
+
     def predictor(self) -> MultimodalPredictor:
         names = dict(self.encoders)
         specs: dict[str, EncoderSpec] = {}
@@ -94,12 +101,13 @@ class RunOptions:
                 raise ValueError(f"encoder_kwargs for {key!r} but no encoder named for it")
             kwargs = dict(default.kwargs) if default and default.name == name else {}
             kwargs.update(self.encoder_kwargs.get(key, {}))
-            specs[key] = EncoderSpec(name, kwargs, self.finetune)
+            specs[key] = EncoderSpec(name, kwargs, self._finetune(key))
         if self.finetune is not None:  # also applies to the default encoders
             for modality, spec in DEFAULT_ENCODERS.items():
-                specs.setdefault(
-                    modality.value, EncoderSpec(spec.name, dict(spec.kwargs), self.finetune)
-                )
+                mode = self._finetune(modality.value)
+                if mode is not None:
+                    default = EncoderSpec(spec.name, dict(spec.kwargs), mode)
+                    specs.setdefault(modality.value, default)
         loss = self.loss or ("ce" if self.task != "regression" else "mse")
         optim = OptimConfig(lr=self.lr, encoder_lr=self.encoder_lr, weight_decay=self.weight_decay,
                             warmup_ratio=self.warmup_ratio, loss=loss,
