@@ -178,8 +178,10 @@ def test_embeddings_route_speaks_openai(served):
 
     p, path = served
     engine = Engine.from_bundle(path, device="cpu")
-    assert engine.card()["embedding_dim"] == 32 and engine.card()["pairs"] == ["image:text",
-                                                                                "audio:text"]
+    assert engine.card()["embedding_dim"] == 32 and engine.card()["pairs"] == [
+        "image:text",
+        "audio:text",
+    ]
     red = png_bytes((30, 30), COLORS["r"])
     url = "data:image/png;base64," + base64.b64encode(red).decode()
     with TestClient(create_app(engine, ServeConfig())) as c:
