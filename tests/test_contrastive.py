@@ -250,3 +250,33 @@ def test_openai_package_embeds_through_a_real_server(served):
         # by default the package asks for base64 and decodes it itself
         default = client.embeddings.create(model=name, input="red apple")
         np.testing.assert_allclose(default.data[0].embedding, want[0], atol=1e-5)
+
+
+def test_index_build_and_search_from_the_command_line(served, toy, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from modalforge.cli import app as cli
+
+    _, path = served
+    run = CliRunner().invoke
+    built = run(cli, ["index", "build", str(path), "--manifest", str(toy), "--out",
+                      str(tmp_path / "idx"), "--dtype", "float16"])  # fmt: skip
+    assert built.exit_code == 0, built.output
+    meta = json.loads((tmp_path / "idx" / "index.json").read_text())
+    assert meta["count"] == 90 and meta["info"]["column"] == "image"
+    hits = run(cli, ["search", str(path), str(tmp_path / "idx"), "--text", "blue sea", "-k", "5",
+                     "--json"])  # fmt: skip
+    assert hits.exit_code == 0, hits.output
+    found = json.loads(hits.output)
+    assert len(found) == 5 and {h["metadata"]["colour"] for h in found} == {"blue"}
+    assert found[0]["score"] >= found[-1]["score"]
+    by_image = run(cli, ["search", str(path), str(tmp_path / "idx"), "--image",
+                         str(toy.parent / "img" / "1.png"), "-k", "1", "--json"])  # fmt: skip
+    assert json.loads(by_image.output)[0]["metadata"]["colour"] == "green"  # row 1 is green
+    both = run(cli, ["search", str(path), str(tmp_path / "idx"), "--text", "x", "--image", "y"])
+    assert both.exit_code == 1 and "exactly one" in both.output
+    no_tower = run(cli, ["index", "build", str(path), "--manifest", str(toy), "--out",
+                         str(tmp_path / "idx2"), "--column", "colour"])  # fmt: skip
+    assert no_tower.exit_code == 1 and "towers" in no_tower.output

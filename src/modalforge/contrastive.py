@@ -65,8 +65,8 @@ class ContrastivePredictor(MultimodalPredictor):
         super().__init__(label=label or "", task="contrastive", encoders=encoders,
                          columns=columns, schema=schema, fit_config=fit_config,
                          cache_dir=cache_dir, on_bad_row=on_bad_row)  # fmt: skip
-        if self.fit_config.monitor == "val_acc":  # no accuracy here: stop on the loss
-            self.fit_config.monitor = "val_loss"
+        if self.fit_config.monitor == "val_acc":  # no accuracy here: whole-set Recall@1
+            self.fit_config.monitor = "val_recall"
         self.embed_dim = embed_dim
         self.projection = projection
 

@@ -57,7 +57,7 @@ class FitConfig:
     epochs: int = 30
     batch_size: int = 64
     patience: int = 5  # early stopping on the validation metric
-    monitor: str = "val_acc"  # val_acc (classification) or val_loss
+    monitor: str = "val_acc"  # val_acc (classification), val_recall (contrastive) or val_loss
     class_weights: str = "none"  # none | balanced
     seed: int = 0
     num_workers: int = 0
@@ -389,8 +389,8 @@ class MultimodalPredictor:
         run.mkdir(parents=True, exist_ok=True)
         self.run_dir = run
         (run / "config.json").write_text(json.dumps(self.describe(), indent=2, default=str))
-        monitor = cfg.monitor if self.task == "classification" else "val_loss"
-        mode = "max" if monitor.endswith("acc") else "min"
+        monitor = cfg.monitor if self.task in ("classification", "contrastive") else "val_loss"
+        mode = "max" if monitor in ("val_acc", "val_recall") else "min"
         callbacks = [
             L.pytorch.callbacks.ModelCheckpoint(
                 dirpath=run / "checkpoints",

@@ -139,10 +139,37 @@ class MultimodalModule(L.LightningModule):
 
 class ContrastiveModule(MultimodalModule):
     """Trains a ``ContrastiveModel``: symmetric InfoNCE over its pairs of columns, the learned
-    temperature clamped after every optimizer step."""
+    temperature clamped after every optimizer step. After each validation epoch it logs
+    ``val_recall``: Recall@1 over the whole validation set (not one batch), averaged over the
+    pairs and both directions -- what early stopping watches."""
 
     def __init__(self, model, optim: OptimConfig) -> None:
         super().__init__(model, "contrastive", optim)
+        self._val: list[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]] = []
+
+    def validation_step(self, batch, batch_idx):
+        return self._step(batch, "val")
+
+    def on_validation_epoch_start(self) -> None:
+        self._val = []
+
+    def on_validation_epoch_end(self) -> None:
+        if not self._val:
+            return
+        emb = {c: torch.cat([e[c] for e, _ in self._val]) for c in self._val[0][0]}
+        mask = {c: torch.cat([m[c] for _, m in self._val]) for c in self._val[0][1]}
+        recalls = []
+        for a, b in self.model.config.pairs:
+            both = mask[a].bool() & mask[b].bool()
+            if int(both.sum()) < 2:
+                continue
+            scores = emb[a][both] @ emb[b][both].T
+            for s in (scores, scores.T):  # both directions; the diagonal holds the pairs
+                recalls.append(
+                    (s.argmax(1) == torch.arange(len(s), device=s.device)).float().mean()
+                )
+        if recalls:
+            self.log("val_recall", torch.stack(recalls).mean(), prog_bar=True)
 
     def _step(self, batch: dict[str, Any], stage: str) -> torch.Tensor:
         from modalforge.models.contrastive import contrastive_loss
@@ -152,6 +179,9 @@ class ContrastiveModule(MultimodalModule):
             mask = modality_dropout(mask, self.optim.modality_dropout)
         out = self.model(batch.get("inputs"), mask, features=batch.get("features"))
         loss = contrastive_loss(out, self.model.config.pairs, mask)
+        if stage == "val":
+            self._val.append(({c: e.detach() for c, e in out.embeddings.items()},
+                              {c: m.detach() for c, m in mask.items()}))  # fmt: skip
         size = len(batch["index"])
         self.log(f"{stage}_loss", loss, prog_bar=True, batch_size=size, on_epoch=True,
                  on_step=False)  # fmt: skip
