@@ -83,19 +83,19 @@ def test_bad_pairs_are_refused():
 
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
-    """90 rows: a coloured square, its colour's words, a tone of its colour's pitch; the colour's
-    name ("red") as the zero-shot label."""
+    """60 rows: a coloured square, its colour's words, a tone of its colour's pitch; the colour's
+    words ("red apple") as the zero-shot label too."""
     root = tmp_path_factory.mktemp("clip")
     (root / "img").mkdir()
     (root / "aud").mkdir()
     rows = []
-    for i in range(90):
+    for i in range(60):
         c = "rgb"[i % 3]
         shade = tuple(min(255, max(0, v + (i % 7) * 5 - 15)) for v in COLORS[c])
         (root / "img" / f"{i}.png").write_bytes(png_bytes((30, 30), shade))
         (root / "aud" / f"{i}.wav").write_bytes(wav_bytes(sine(PITCH[c] + i % 5, 0.25)))
         rows.append({"image": f"img/{i}.png", "text": WORDS[c], "audio": f"aud/{i}.wav",
-                     "colour": WORDS[c].split()[0]})  # fmt: skip
+                     "colour": WORDS[c]})  # fmt: skip
     path = root / "manifest.csv"
     pd.DataFrame(rows).to_csv(path, index=False)
     return path
@@ -129,7 +129,9 @@ def test_training_lowers_the_loss_and_aligns_the_towers(fitted, toy):
     p, before = fitted
     after = _loss(p, toy)
     assert after < before - 0.3, (before, after)
-    result = p.evaluate(toy, zero_shot=["colour"])
+    # the word-level toy tower knows no "an emoji of": the bare class name is the prompt (what
+    # the images were aligned with, so this checks the plumbing; emoji measure the real thing)
+    result = p.evaluate(toy, zero_shot=["colour"], templates=("{}",))
     # three colours: the right one of three words / pictures is near-certain after training
     assert result["retrieval"]["image→text"]["recall@1"] > 0.9
     assert result["retrieval"]["text→image"]["recall@1"] > 0.9
@@ -265,16 +267,16 @@ def test_index_build_and_search_from_the_command_line(served, toy, tmp_path):
                       str(tmp_path / "idx"), "--dtype", "float16"])  # fmt: skip
     assert built.exit_code == 0, built.output
     meta = json.loads((tmp_path / "idx" / "index.json").read_text())
-    assert meta["count"] == 90 and meta["info"]["column"] == "image"
+    assert meta["count"] == 60 and meta["info"]["column"] == "image"
     hits = run(cli, ["search", str(path), str(tmp_path / "idx"), "--text", "blue sea", "-k", "5",
                      "--json"])  # fmt: skip
     assert hits.exit_code == 0, hits.output
     found = json.loads(hits.output)
-    assert len(found) == 5 and {h["metadata"]["colour"] for h in found} == {"blue"}
+    assert len(found) == 5 and {h["metadata"]["colour"] for h in found} == {"blue sea"}
     assert found[0]["score"] >= found[-1]["score"]
     by_image = run(cli, ["search", str(path), str(tmp_path / "idx"), "--image",
                          str(toy.parent / "img" / "1.png"), "-k", "1", "--json"])  # fmt: skip
-    assert json.loads(by_image.output)[0]["metadata"]["colour"] == "green"  # row 1 is green
+    assert json.loads(by_image.output)[0]["metadata"]["colour"] == "green leaf"  # row 1: green
     both = run(cli, ["search", str(path), str(tmp_path / "idx"), "--text", "x", "--image", "y"])
     assert both.exit_code == 1 and "exactly one" in both.output
     no_tower = run(cli, ["index", "build", str(path), "--manifest", str(toy), "--out",

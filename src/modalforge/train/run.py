@@ -34,6 +34,7 @@ class RunOptions:
     pairs: list[str] | None = None
     embed_dim: int = 256  # contrastive: the shared embedding width
     projection: str = "mlp"  # contrastive: each tower's projection head (mlp | linear)
+    zero_shot: list[str] | None = None  # contrastive: columns classified zero-shot (None: label)
     fusion: str = "concat"
     fusion_kwargs: dict[str, Any] = field(default_factory=dict)
     # column or modality -> encoder name, e.g. {"image": "efficientnet_lite0"}
@@ -159,7 +160,8 @@ def train_run(
     test = predictor.test_manifest
     summary: dict[str, Any] = {"run": str(out), "history": predictor.history}
     if test is not None and len(test):
-        result = predictor.evaluate(test, out_dir=out / "report")
+        extra = {"zero_shot": options.zero_shot} if options.zero_shot else {}
+        result = predictor.evaluate(test, out_dir=out / "report", **extra)
         summary.update(result)
     if options.save_bundle:
         bundle = predictor.save(out / "bundle", metrics=summary.get("headline"), overwrite=True)
