@@ -200,6 +200,7 @@ def test_int8_export_picks_per_encoder_schemes_under_the_gate(exported):
         report = info["quantization"]["encoders"][column]
         assert {"dynamic", "static-qdq", "static-products"} <= set(report["candidates"])
         assert spec["quantization"] in (None, *SCHEMES["int8"])
+        assert report.get("chosen") == spec["quantization"]  # the report says what is used
         if spec["quantization"] is not None:
             assert spec["file"].startswith("int8/") and spec["file"].endswith(".int8.onnx")
             assert report["candidates"][spec["quantization"]]["passed"]

@@ -261,6 +261,8 @@ def export_bundle(
             choice[worst] = next((o for o in following
                                   if o["min_cosine"] > choice[worst]["min_cosine"]),
                                  options[worst][-1])  # fmt: skip
+        for column, option in choice.items():  # what the variant uses, after any fall-back
+            info["quantization"]["encoders"][column]["chosen"] = option["scheme"]
         info["parity"] = {**result, "gate": asdict(rule), "passed": not problems}
         if problems:
             raise ParityGateError(name, problems, result, info)

@@ -58,6 +58,8 @@ from pathlib import Path
 import numpy as np
 from torch import nn
 
+from modalforge.encoders.onnx_runtime import graph_files
+
 log = logging.getLogger(__name__)
 
 Feeds = Mapping[str, np.ndarray]
@@ -480,25 +482,9 @@ def quantize_static_corrected(
                                     exclude_nodes=exclude)  # fmt: skip
 
 
-def model_files(path: Path) -> list[Path]:
-    """The model file and the external-data files its initializers point to."""
-    import onnx
-
-    path = Path(path)
-    model = onnx.load(str(path), load_external_data=False)
-    files = [path]
-    for tensor in model.graph.initializer:
-        if tensor.data_location == onnx.TensorProto.EXTERNAL:
-            location = next(e.value for e in tensor.external_data if e.key == "location")
-            extra = path.parent / location
-            if extra not in files:
-                files.append(extra)
-    return files
-
-
 def model_bytes(path: Path) -> int:
     """Size on disk of a model, its external data files included."""
-    return sum(f.stat().st_size for f in model_files(path) if f.is_file())
+    return sum(f.stat().st_size for f in graph_files(path) if f.is_file())
 
 
 def cpu_session(path: Path, threads: int | None = None):
@@ -550,7 +536,7 @@ def measure(path: Path, feeds: Sequence[Feeds], repeats: int = 20, warmup: int =
     return {
         "path": str(path),
         "bytes": model_bytes(path),
-        "files": [str(f) for f in model_files(path)],
+        "files": [str(f) for f in graph_files(path)],
         "load_ms": load_ms,
         "latency": _time(session, feeds, repeats, warmup),
     }
