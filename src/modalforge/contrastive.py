@@ -14,6 +14,7 @@ retrieval is never measured on near-duplicates of training items.
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import Any
 
@@ -182,7 +183,12 @@ class ContrastivePredictor(MultimodalPredictor):
         frame = manifest.frame
         embedded = {c: self.embed(manifest, c) for c in self._require_model().columns}
         retrieval: dict[str, dict[str, Any]] = {}
-        for a, b in self.pairs:
+        # the trained pairs, then every other pair of towers (audio -> image through a shared
+        # text anchor: aligned without ever being paired)
+        trained = [tuple(p) for p in self.pairs]
+        others = [(a, b) for a, b in itertools.combinations(self._require_model().columns, 2)
+                  if (a, b) not in trained and (b, a) not in trained]  # fmt: skip
+        for a, b in [*trained, *others]:
             both = embedded[a][1] & embedded[b][1]
             if both.sum() < 2:
                 continue
@@ -195,6 +201,8 @@ class ContrastivePredictor(MultimodalPredictor):
             positives = (ka[:, None] == ka[None, :]) | (kb[:, None] == kb[None, :])
             retrieval[f"{a}→{b}"] = retrieval_metrics(scores, positives)
             retrieval[f"{b}→{a}"] = retrieval_metrics(scores.T, positives.T)
+            for name in (f"{a}→{b}", f"{b}→{a}"):
+                retrieval[name]["trained_pair"] = (a, b) in trained
         zero = {}
         columns = zero_shot if zero_shot is not None else ([self.label] if self.label else [])
         text = self.text_column()

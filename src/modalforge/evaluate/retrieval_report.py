@@ -82,10 +82,11 @@ def write_retrieval_report(out_dir, predictor, manifest, embedded, result: dict[
     lines = [f"# {title or 'modalforge: contrastive alignment'}", "",
              f"{result['rows']} held-out rows; pairs {', '.join(result['pairs'])}; learned "
              f"temperature {result['temperature']:.4f}.", "", "## Retrieval", "",
-             "| direction | queries | R@1 | R@5 | R@10 | median rank |",
-             "|---|---:|---:|---:|---:|---:|"]  # fmt: skip
+             "| direction | trained pair | queries | R@1 | R@5 | R@10 | median rank |",
+             "|---|---|---:|---:|---:|---:|---:|"]  # fmt: skip
     for name, m in result["retrieval"].items():
-        lines.append(f"| {name} | {m['queries']} | {_fmt(m['recall@1'])} | {_fmt(m['recall@5'])} "
+        lines.append(f"| {name} | {'yes' if m.get('trained_pair') else 'no'} | {m['queries']} "
+                     f"| {_fmt(m['recall@1'])} | {_fmt(m['recall@5'])} "
                      f"| {_fmt(m['recall@10'])} | {_fmt(m['median_rank'])} |")  # fmt: skip
     if result["zero_shot"]:
         lines += ["", "## Zero-shot classification", "",
