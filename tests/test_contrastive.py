@@ -154,6 +154,8 @@ def test_the_bundle_round_trip_gives_the_same_embeddings(fitted, toy, tmp_path):
     for column in ("image", "text", "audio"):
         np.testing.assert_allclose(loaded.embed(toy, column)[0], p.embed(toy, column)[0],
                                    atol=1e-5)  # fmt: skip
+    with pytest.raises(ValueError, match="embeds"):
+        loaded.predict(toy)
     vectors, present = loaded.embed(["red", "blue"], "text")
     assert vectors.shape == (2, 32) and present.all()
     assert np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-5)

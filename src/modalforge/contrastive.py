@@ -57,6 +57,7 @@ class ContrastivePredictor(MultimodalPredictor):
         schema=None,
         embed_dim: int = 256,
         projection: str = "mlp",
+        dropout: float = 0.0,
         fit_config: FitConfig | None = None,
         cache_dir: str | Path | None = None,
         on_bad_row: str = "skip",
@@ -70,6 +71,7 @@ class ContrastivePredictor(MultimodalPredictor):
             self.fit_config.monitor = "val_recall"
         self.embed_dim = embed_dim
         self.projection = projection
+        self.dropout = dropout
 
     @classmethod
     def from_config(
@@ -77,7 +79,8 @@ class ContrastivePredictor(MultimodalPredictor):
     ) -> ContrastivePredictor:
         parsed = ContrastiveConfig.from_dict(config)
         predictor = cls(parsed.pairs, label=label, embed_dim=parsed.embed_dim,
-                        projection=parsed.projection, cache_dir=cache_dir)  # fmt: skip
+                        projection=parsed.projection, dropout=parsed.dropout,
+                        cache_dir=cache_dir)  # fmt: skip
         predictor.config = parsed
         return predictor
 
@@ -94,8 +97,10 @@ class ContrastivePredictor(MultimodalPredictor):
                             for c in schema.columns))  # fmt: skip
 
     def _build(self, inputs: dict[str, EncoderSpec]) -> None:
-        self.config = ContrastiveConfig(inputs=inputs, pairs=self.pairs, embed_dim=self.embed_dim,
-                                        projection=self.projection)  # fmt: skip
+        self.config = ContrastiveConfig(
+            inputs=inputs, pairs=self.pairs, embed_dim=self.embed_dim,
+            projection=self.projection, dropout=self.dropout,
+        )  # fmt: skip
         self.model = self._new_model()
 
     def _new_model(self):
@@ -108,6 +113,14 @@ class ContrastivePredictor(MultimodalPredictor):
 
     def _targets(self, manifest: Manifest) -> None:
         return None
+
+    def predict_proba(self, *args, **kwargs):
+        raise ValueError(
+            "a contrastive model embeds, it does not predict a label: use embed(), "
+            "`modalforge index build` + `modalforge search`, or /v1/embeddings"
+        )
+
+    predict = predict_proba
 
     # -- embeddings -------------------------------------------------------------------------
     @torch.no_grad()

@@ -43,6 +43,7 @@ class ContrastiveConfig:
     pairs: list[tuple[str, str]]  # which columns are aligned with which
     embed_dim: int = 256
     projection: str = "mlp"  # mlp (Linear-GELU-Linear, as in SimCLR / LiT heads) | linear
+    dropout: float = 0.0  # in the mlp projection: small data overfits the heads fast
     init_temperature: float = 0.07
     max_logit_scale: float = 100.0
     task: str = "contrastive"
@@ -76,10 +77,11 @@ class ContrastiveOutput:
     scale: torch.Tensor  # exp(logit_scale), clamped: multiplies the cosine similarities
 
 
-def _projection(in_dim: int, out_dim: int, kind: str) -> nn.Module:
+def _projection(in_dim: int, out_dim: int, kind: str, dropout: float) -> nn.Module:
     if kind == "linear":
         return nn.Linear(in_dim, out_dim)
-    return nn.Sequential(nn.Linear(in_dim, in_dim), nn.GELU(), nn.Linear(in_dim, out_dim))
+    return nn.Sequential(nn.Dropout(dropout), nn.Linear(in_dim, in_dim), nn.GELU(),
+                         nn.Dropout(dropout), nn.Linear(in_dim, out_dim))  # fmt: skip
 
 
 class ContrastiveModel(nn.Module):
@@ -92,7 +94,7 @@ class ContrastiveModel(nn.Module):
         # lists, not ModuleDicts: column names such as "a.b" are legal in manifests
         self.encoders = nn.ModuleList(encoders[c] for c in self.columns)
         self.projections = nn.ModuleList(
-            _projection(encoders[c].output_dim, config.embed_dim, config.projection)
+            _projection(encoders[c].output_dim, config.embed_dim, config.projection, config.dropout)
             for c in self.columns
         )
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / config.init_temperature)))

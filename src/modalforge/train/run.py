@@ -34,6 +34,7 @@ class RunOptions:
     pairs: list[str] | None = None
     embed_dim: int = 256  # contrastive: the shared embedding width
     projection: str = "mlp"  # contrastive: each tower's projection head (mlp | linear)
+    projection_dropout: float = 0.0  # contrastive: dropout inside the mlp heads
     zero_shot: list[str] | None = None  # contrastive: columns classified zero-shot (None: label)
     fusion: str = "concat"
     fusion_kwargs: dict[str, Any] = field(default_factory=dict)
@@ -129,7 +130,8 @@ class RunOptions:
 
             return ContrastivePredictor(self.pairs or [], label=self.label, encoders=specs,
                                         schema=schema, embed_dim=self.embed_dim,
-                                        projection=self.projection, fit_config=fit,
+                                        projection=self.projection,
+                                        dropout=self.projection_dropout, fit_config=fit,
                                         cache_dir=self.cache_dir,
                                         on_bad_row=self.on_bad_row)  # fmt: skip
         if not self.label:
