@@ -290,3 +290,28 @@ def test_index_build_and_search_from_the_command_line(served, toy, tmp_path):
     no_tower = run(cli, ["index", "build", str(path), "--manifest", str(toy), "--out",
                          str(tmp_path / "idx2"), "--column", "colour"])  # fmt: skip
     assert no_tower.exit_code == 1 and "towers" in no_tower.output
+
+
+def test_towers_export_to_onnx_through_the_gate_and_serve(served, toy):
+    from fastapi.testclient import TestClient
+
+    from modalforge.bundle import load_bundle
+    from modalforge.data.manifest import read_manifest
+    from modalforge.export import export_bundle
+    from modalforge.serve import Engine, ServeConfig, create_app
+
+    _, path = served
+    rows = read_manifest(toy)
+    info = export_bundle(path, rows, name="onnx")
+    assert info["parity"]["passed"] and info["parity"]["max_abs_logit_diff"] < 1e-4
+    assert set(info["projections"]) == {"audio", "image", "text"} and "head" not in info
+    assert load_bundle(path).variants["onnx"]["projections"]["text"]["file"].startswith("onnx/")
+    reference = Engine.from_bundle(path, device="cpu")
+    variant = Engine.from_bundle(path, device="cpu", variant="onnx")
+    with TestClient(create_app(variant, ServeConfig())) as c:
+        got = c.post("/v1/embeddings", json={"input": ["blue sea", "red apple"]}).json()
+    want = reference.handle([{"text": "blue sea"}, {"text": "red apple"}])
+    for d, w in zip(got["data"], want, strict=True):
+        np.testing.assert_allclose(d["embedding"], w["embeddings"]["text"], atol=1e-5)
+    with pytest.raises(ValueError, match="not offered yet"):
+        export_bundle(path, rows, name="int8", quantize="int8")

@@ -225,8 +225,12 @@ def export_bundle(
 
     if quantize is not None and quantize not in SCHEMES:
         raise ValueError(f"quantize must be one of {sorted(SCHEMES)}, not {quantize!r}")
-    rule = rule or GATES["int8" if quantize else "fp32"]
     predictor = MultimodalPredictor.load(bundle)
+    if predictor.task == "contrastive":
+        if quantize:
+            raise ValueError("--quantize: int8 towers of a contrastive bundle are not offered yet")
+        rule = rule or GATES["embeddings"]
+    rule = rule or GATES["int8" if quantize else "fp32"]
     reference = Engine(predictor, device="cpu")
     reference.tune()
     with tempfile.TemporaryDirectory(prefix="modalforge-export-") as tmp:
@@ -268,7 +272,8 @@ def export_bundle(
             raise ParityGateError(name, problems, result, info)
         # each variant's files live in their own folder of the bundle
         files = {f"{name}/{k}": v for k, v in files.items()}
-        for spec in (*info["encoders"].values(), info["head"]):
+        heads = info["projections"].values() if "projections" in info else [info["head"]]
+        for spec in (*info["encoders"].values(), *heads):
             spec["file"] = f"{name}/{spec['file']}"
         add_variant(bundle, name, files, info, overwrite=overwrite)
     return info

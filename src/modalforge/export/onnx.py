@@ -48,6 +48,42 @@ class HeadGraph(nn.Module):
         return logits if fused.weights is None else (logits, fused.weights)
 
 
+def projection_file(column: str) -> str:
+    return f"onnx/project.{column}.onnx"
+
+
+class ProjectionGraph(nn.Module):
+    """A contrastive tower's head: pooled features (B, D_in) -> unit-length embedding (B, D)."""
+
+    def __init__(self, model, column: str) -> None:
+        super().__init__()
+        self.model, self.column = model, column
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.model.project(self.column, pooled)
+
+
+def export_projection(model, column: str, path: Path, batch: int = 3) -> dict[str, Any]:
+    example = torch.randn(batch, model.encoder(column).output_dim)
+    _save_dynamo(ProjectionGraph(model, column).eval(), (example,), ["pooled"], ["embedding"],
+                 ({0: torch.export.Dim.AUTO},), path)  # fmt: skip
+    return {"file": projection_file(column), "inputs": ["pooled"], "outputs": ["embedding"]}
+
+
+def _save_dynamo(graph: nn.Module, example: tuple, inputs: list[str], outputs: list[str],
+                 dynamic_shapes: tuple, path: Path) -> None:  # fmt: skip
+    """``torch.onnx.export`` (the dynamo exporter) -> ``path``, quietly. ``dynamic_shapes``:
+    one entry per parameter of ``graph.forward`` (a ``*tensors`` parameter takes a tuple)."""
+    quiet_exporter()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(graph, example, input_names=inputs, output_names=outputs,
+                                    dynamic_shapes=dynamic_shapes,
+                                    dynamo=True, verbose=False)  # fmt: skip
+        program.save(str(path), external_data=False)
+
+
 def head_input_names(columns: list[str]) -> list[str]:
     return [name for c in columns for name in (f"feat.{c}", f"mask.{c}")]
 
@@ -67,22 +103,8 @@ def export_head(model: MultimodalModel, path: Path, batch: int = 3) -> dict[str,
             {c: example[2 * i + 1] for i, c in enumerate(columns)},
         ).weights
     outputs = ["logits"] if weights is None else ["logits", "weights"]
-    quiet_exporter()
-    auto = torch.export.Dim.AUTO
-    shapes = tuple({0: auto} for _ in example)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        program = torch.onnx.export(
-            graph,
-            tuple(example),
-            input_names=head_input_names(columns),
-            output_names=outputs,
-            dynamic_shapes=(shapes,),
-            dynamo=True,
-            verbose=False,
-        )
-        program.save(str(path), external_data=False)
+    shapes = tuple({0: torch.export.Dim.AUTO} for _ in example)
+    _save_dynamo(graph, tuple(example), head_input_names(columns), outputs, (shapes,), path)
     return {"inputs": head_input_names(columns), "outputs": outputs}
 
 
@@ -113,16 +135,20 @@ def export_onnx(
             "core": runner.core,
             "max_abs_diff_on_export": runner.max_abs_diff,
         }
-    head_path = out_dir / HEAD
-    head = export_head(model, head_path)
-    files[HEAD] = head_path
     import onnx
 
-    opset = {op.domain or "ai.onnx": op.version for op in onnx.load(head_path).opset_import}
-    info = {
-        "format": "onnx",
-        "encoders": encoders,
-        "head": {"file": HEAD, **head},
-        "opset": opset.get("ai.onnx"),
-    }
+    info: dict[str, Any] = {"format": "onnx", "encoders": encoders}
+    if hasattr(model, "projections"):  # a contrastive model: a projection per tower, no head
+        info["projections"] = {}
+        for column in model.columns:
+            path = out_dir / projection_file(column)
+            info["projections"][column] = export_projection(model, column, path)
+            files[projection_file(column)] = path
+        last = path
+    else:
+        last = out_dir / HEAD
+        info["head"] = {"file": HEAD, **export_head(model, last)}
+        files[HEAD] = last
+    opset = {op.domain or "ai.onnx": op.version for op in onnx.load(last).opset_import}
+    info["opset"] = opset.get("ai.onnx")
     return files, info

@@ -33,6 +33,8 @@ GATES = {
     "pruned": Gate(max_f1_drop=0.01),
     # a smaller model of its own: it trades some accuracy for speed by design
     "distilled": Gate(max_f1_drop=0.05),
+    # a contrastive model's fp32 towers: its "logits" are the embeddings (unit length)
+    "embeddings": Gate(max_logit_diff=1e-4),
 }
 
 

@@ -96,7 +96,8 @@ class OrtEncoder:
 
 
 class OrtModel:
-    """A bundle variant's graphs behind ``MultimodalModel``'s serving surface."""
+    """A bundle variant's graphs behind ``MultimodalModel``'s serving surface (a contrastive
+    model's: ``encoder(column)`` + ``project(column, pooled)``)."""
 
     def __init__(
         self, model: MultimodalModel, root: Path, info: dict[str, Any], device: str = "cpu"
@@ -111,8 +112,17 @@ class OrtModel:
             self.encoders[column] = OrtEncoder(
                 model.encoder(column), self.root / spec["file"], keys, device
             )
-        self.head = session(self.root / info["head"]["file"], device)
-        self.head_outputs = info["head"]["outputs"]
+        if "projections" in info:
+            self.projections = {c: session(self.root / p["file"], device)
+                                for c, p in info["projections"].items()}  # fmt: skip
+        else:
+            self.head = session(self.root / info["head"]["file"], device)
+            self.head_outputs = info["head"]["outputs"]
+
+    def project(self, column: str, pooled: torch.Tensor) -> torch.Tensor:
+        """A contrastive tower's unit-length embeddings of its pooled features."""
+        feeds = {"pooled": pooled.detach().cpu().float().numpy()}
+        return torch.from_numpy(self.projections[column].run(None, feeds)[0])
 
     def encoder(self, column: str) -> OrtEncoder:
         return self.encoders[column]

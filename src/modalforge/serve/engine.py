@@ -317,8 +317,14 @@ class Engine:
     @_torch_threads
     @torch.inference_mode()
     def logits(self, samples: list[Sample]) -> np.ndarray:
-        """The head's raw outputs (B, C) with every given input (parity checks compare these)."""
+        """The head's raw outputs (B, C) with every given input (parity checks compare these;
+        a contrastive model: every tower's embedding side by side, zeros where missing)."""
         feats, mask = self.features(samples)
+        if self.task == "contrastive":
+            return np.concatenate([
+                (self.model.project(c, feats[c]) * mask[c][:, None]).float().cpu().numpy()
+                for c in sorted(feats)
+            ], axis=1)  # fmt: skip
         return self.model({}, mask, features=feats).outputs.float().cpu().numpy()
 
     @_torch_threads
