@@ -379,6 +379,10 @@ def test_whisper_encoder_trains_and_freezes(tiny_whisper_encoder):
     enc.train()
     assert not enc.training
     assert not enc(noisy_batch([4000])).pooled.requires_grad
+    enc.unfreeze_top(1)  # partial fine-tuning: the last layer and the final norm only
+    names = {n for n, p in enc.named_parameters() if p.requires_grad}
+    assert names and all(n.startswith(("encoder.layers.1.", "encoder.layer_norm.")) for n in names)
+    assert enc.train().training and not enc.frozen
     ids = {WhisperAudioEncoder(tiny_whisper_encoder, w).encoder_id for w in ("trimmed", "full")}
     assert len(ids) == 2
     with pytest.raises(ValueError, match="window must be"):

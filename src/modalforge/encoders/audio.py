@@ -89,6 +89,20 @@ class WhisperAudioEncoder(Encoder):
             / SAMPLE_RATE,
         }
 
+    def unfreeze_top(self, n_layers: int) -> WhisperAudioEncoder:
+        """Train only the last ``n_layers`` transformer layers (of 4 in tiny) and the final
+        layer norm; the convolutions and positions stay frozen. Undoes ``freeze()``."""
+        if n_layers < 0:
+            raise ValueError(f"n_layers must be >= 0, got {n_layers}")
+        self._frozen = False
+        self.encoder.requires_grad_(False)
+        layers = list(self.encoder.layers)
+        for layer in layers[len(layers) - n_layers :] if n_layers else []:
+            layer.requires_grad_(True)
+        if n_layers:
+            self.encoder.layer_norm.requires_grad_(True)
+        return self
+
     @property
     def feature_axes(self) -> dict[str, tuple[int, ...]]:
         """The axes of ``prepare``'s tensors that vary between calls (the full window's mel
