@@ -1280,7 +1280,7 @@ def index_build(
     [+ hnsw.faiss]; no pickle). Each entry keeps its row's other columns as metadata."""
     import numpy as np
 
-    from modalforge.data.manifest import ManifestError, read_manifest
+    from modalforge.data.manifest import ManifestError, is_missing
     from modalforge.index import EmbeddingIndex
 
     predictor = _contrastive(bundle)
@@ -1291,12 +1291,11 @@ def index_build(
     if column not in towers:
         fail(f"--column {column!r}: the bundle's towers are {towers}")
     try:
-        rows = _split_rows(manifest, split) if split else read_manifest(manifest)
-        frame = rows.frame
-        present_rows = frame[column].notna().to_numpy() if column in frame else None
-        if present_rows is None or not present_rows.any():
+        rows = _split_rows(manifest, split)
+        present = [not is_missing(v) for v in rows.frame.get(column, [])]
+        if not any(present):
             fail(f"{manifest}: no rows with column {column!r}")
-        rows = rows.subset(np.flatnonzero(present_rows))
+        rows = rows.subset(np.flatnonzero(present))
         with console.status(f"embedding {len(rows)} rows of {column!r} ..."):
             vectors, _ = predictor.embed(rows, column, progress=False)
         key = id_column or ("id" if "id" in rows.frame else None)

@@ -730,16 +730,12 @@ class MultimodalPredictor:
     def mark_weights(self, tag: str) -> None:
         """Give every encoder an id of its own for weights changed after training (pruned,
         fine-tuned), so the feature cache never hands out features of the old weights."""
-        import hashlib
+        from modalforge.encoders.onnx_runtime import weights_fingerprint
 
         for column in self._require_model().columns:
             encoder = self.model.encoder(column)  # type: ignore[union-attr]
-            digest = hashlib.sha256()
-            for name, tensor in sorted(encoder.state_dict().items()):
-                digest.update(name.encode())
-                digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
             encoder.id_extras = {**(encoder.id_extras or {}),
-                                 "weights": f"{tag}:{digest.hexdigest()[:16]}"}  # fmt: skip
+                                 "weights": f"{tag}:{weights_fingerprint(encoder)}"}  # fmt: skip
 
 
 def prediction_table(probs: np.ndarray, task: str, labels: list[str] | None) -> pd.DataFrame:
