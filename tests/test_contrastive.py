@@ -238,15 +238,26 @@ def test_a_classifier_refuses_embeddings(tmp_path):
         assert r.status_code == 422 and "contrastive" in r.json()["error"]["message"]
 
 
-def test_openai_package_embeds_through_a_real_server(served):
+def test_openai_package_embeds_through_a_real_server(served, toy, tmp_path):
     import base64
+
+    import httpx
+    from typer.testing import CliRunner
+
+    from modalforge.cli import app as cli
 
     openai = pytest.importorskip("openai")
     from .serving import running_server
 
     p, path = served
     want = p.embed(["red apple", "blue sea"], "text")[0]
-    with running_server(path) as (url, _):
+    built = CliRunner().invoke(cli, ["index", "build", str(path), "--manifest", str(toy),
+                                     "--out", str(tmp_path / "idx")])  # fmt: skip
+    assert built.exit_code == 0, built.output
+    with running_server(path, "--index", str(tmp_path / "idx")) as (url, _):
+        # the index `index build` wrote is served beside the bundle that built it
+        hits = httpx.post(f"{url}/v1/search", json={"query": "green leaf", "k": 3}).json()
+        assert {h["metadata"]["colour"] for h in hits["data"]} == {"green leaf"}, hits
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused")
         name = client.models.list().data[0].id
         got = client.embeddings.create(model=name, input=["red apple", "blue sea"],
@@ -290,6 +301,56 @@ def test_index_build_and_search_from_the_command_line(served, toy, tmp_path):
     no_tower = run(cli, ["index", "build", str(path), "--manifest", str(toy), "--out",
                          str(tmp_path / "idx2"), "--column", "colour"])  # fmt: skip
     assert no_tower.exit_code == 1 and "towers" in no_tower.output
+
+
+def test_search_route_answers_from_an_index_of_this_bundle(served, toy):
+    import base64
+
+    from fastapi.testclient import TestClient
+
+    from modalforge.data.manifest import read_manifest
+    from modalforge.index import EmbeddingIndex
+    from modalforge.serve import Engine, ServeConfig, create_app
+
+    p, path = served
+    rows = read_manifest(toy)
+    vectors, _ = p.embed(rows, "image", progress=False)
+    meta = [{"colour": c} for c in rows.frame["colour"]]
+    ids = [str(i) for i in range(len(meta))]
+    engine = Engine.from_bundle(path, device="cpu")
+    info = {"column": "image", "model_version": engine.version}
+    index = EmbeddingIndex(ids, vectors, meta, info=info)
+    with TestClient(create_app(engine, ServeConfig(), index=index)) as c:
+        assert c.get("/v1/models").json()["data"][0]["index"]["size"] == 60
+        r = c.post("/v1/search", json={"query": "blue sea", "k": 5})
+        assert r.status_code == 200, r.text
+        hits = r.json()["data"]
+        assert [h["rank"] for h in hits] == [1, 2, 3, 4, 5]
+        assert {h["metadata"]["colour"] for h in hits} == {"blue sea"}
+        want = index.search(p.embed(["blue sea"], "text")[0][0], k=5)[0]
+        assert [h["id"] for h in hits] == [w.id for w in want]
+        # an image query finds its own row first; a raw vector gives the same answer
+        image = (toy.parent / "img" / "4.png").read_bytes()
+        url = "data:image/png;base64," + base64.b64encode(image).decode()
+        own = c.post("/v1/search", json={"query": url, "k": 1}).json()["data"][0]
+        assert own["id"] == "4" and own["score"] == pytest.approx(1, abs=1e-4)
+        by_vector = c.post("/v1/search", json={"embedding": vectors[4].tolist(), "k": 1})
+        assert by_vector.json()["data"][0]["id"] == "4"
+        for bad, needle in [
+            ({"query": "red", "k": 0}, "k is"),
+            ({"query": "red", "embedding": [0.0] * 32}, "exactly one"),
+            ({"embedding": [1.0] * 3}, "32 finite"),
+            ({"query": "red", "extra": 1}, "unknown field"),
+            ({"query": "ftp://x/y.png"}, "not fetched"),
+        ]:
+            r = c.post("/v1/search", json=bad)
+            assert r.status_code == 422 and needle in r.json()["error"]["message"], (bad, r.text)
+    with TestClient(create_app(engine, ServeConfig())) as c:
+        r = c.post("/v1/search", json={"query": "red"})
+        assert r.status_code == 404 and "--index" in r.json()["error"]["message"]
+    stale = EmbeddingIndex(ids, vectors, meta, info={"model_version": "0123456789ab"})
+    with pytest.raises(ValueError, match="rebuild"):
+        create_app(engine, ServeConfig(), index=stale)
 
 
 def test_towers_export_to_onnx_through_the_gate_and_serve(served, toy):

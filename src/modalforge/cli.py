@@ -1203,9 +1203,17 @@ def serve(
             "export` (run with ONNX Runtime)."
         ),
     ] = "pytorch",
+    index: Annotated[
+        Path | None,
+        typer.Option(
+            help="An index built with this (contrastive) bundle (`modalforge index build`), "
+            "searched by POST /v1/search."
+        ),
+    ] = None,
 ) -> None:
     """Serve a bundle over HTTP: /v1/predict (JSON or multipart), /v1/predict/batch, /v1/models,
-    /healthz, /readyz, /metrics, OpenAPI at /docs, and a browser playground at /.
+    /healthz, /readyz, /metrics, OpenAPI at /docs, and a browser playground at /. Contrastive
+    bundles answer /v1/embeddings (OpenAI's format) and, with --index, /v1/search.
 
     Requests from concurrent clients are batched (up to --max-batch samples) while the model runs
     in its own thread; SIGTERM / Ctrl-C stops taking requests and finishes those in flight.
@@ -1230,7 +1238,13 @@ def serve(
             engine = Engine.from_bundle(bundle, name=name, variant=variant)
     except (BundleError, ValueError, FileNotFoundError) as err:
         fail(str(err))
-    web = create_app(engine, config)
+    from modalforge.index import EmbeddingIndex
+
+    try:  # create_app checks that the index was built by these weights
+        found = EmbeddingIndex.load(index) if index is not None else None
+        web = create_app(engine, config, index=found)
+    except (ValueError, FileNotFoundError) as err:
+        fail(f"--index {index}: {err}")
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     inputs = ", ".join(c.name for c in engine.inputs)
     console.print(f"serving [bold]{engine.name}[/] ({engine.task}, inputs {inputs}) on "

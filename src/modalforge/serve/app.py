@@ -3,8 +3,10 @@
 Routes: ``POST /v1/predict`` (JSON or multipart), ``POST /v1/predict/batch``, ``GET /v1/models``
 (OpenAI's list format plus the bundle's schema, labels and metrics), ``GET /healthz``,
 ``GET /readyz``, ``GET /metrics`` (Prometheus), ``/docs`` + ``/openapi.json`` and the playground at
-``GET /``. Every refusal is a 4xx with OpenAI's error shape ``{"error": {"message", "type",
-"param", "code"}}``; the model runs in the batcher's inference thread, never on the event loop.
+``GET /``; for contrastive bundles ``POST /v1/embeddings`` and, with an index loaded beside the
+bundle, ``POST /v1/search``. Every refusal is a 4xx with OpenAI's error shape ``{"error":
+{"message", "type", "param", "code"}}``; the model runs in the batcher's inference thread, never
+on the event loop.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from modalforge.index import EmbeddingIndex
 from modalforge.serve.batching import Closed, MicroBatcher, QueueFull
 from modalforge.serve.engine import Engine, RequestError
 from modalforge.serve.metrics import ServerMetrics
@@ -43,6 +46,9 @@ from modalforge.serve.requests import (
 )
 
 log = logging.getLogger("modalforge.serve")
+
+#: most hits one /v1/search answers
+MAX_SEARCH_K = 1000
 
 
 @dataclass
@@ -199,11 +205,17 @@ async def _send_error(
     await send({"type": "http.response.body", "body": payload})
 
 
-def create_app(engine: Engine, config: ServeConfig | None = None) -> FastAPI:
-    """The service for one loaded bundle. Start it with uvicorn (``modalforge serve``)."""
+def create_app(
+    engine: Engine, config: ServeConfig | None = None, index: EmbeddingIndex | None = None
+) -> FastAPI:
+    """The service for one loaded bundle. Start it with uvicorn (``modalforge serve``).
+    ``index``: an embedding index built with this bundle (``modalforge index build``), searched
+    by ``POST /v1/search``."""
     import os
 
     config = config or ServeConfig()
+    if index is not None:
+        check_index(engine, index)
     metrics = ServerMetrics()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     threads = config.torch_threads or max(1, (cores or 1) // config.workers)
@@ -339,6 +351,15 @@ def create_app(engine: Engine, config: ServeConfig | None = None) -> FastAPI:
         results = await each(fields, "inputs")
         return JSONResponse({**envelope({}), "predictions": results})
 
+    async def json_object(request: Request, field: str) -> dict[str, Any]:
+        body = await request.body()
+        if check_body(body, request.headers.get("content-type")) != JSON:
+            raise RequestError(f"{request.url.path} takes application/json", status=415)
+        obj = load_json(body)
+        if not isinstance(obj, dict):
+            raise RequestError(f"expected a JSON object with {field!r}")
+        return obj
+
     async def each(fields: list[dict[str, Any]], where: str) -> list[dict[str, Any]]:
         """Every item through the batcher on its own (batched with whatever else is queued); a
         refusal names its item as ``where[i]``."""
@@ -365,12 +386,7 @@ def create_app(engine: Engine, config: ServeConfig | None = None) -> FastAPI:
                 "bundle (train --task contrastive)",
                 param="model",
             )
-        body = await request.body()
-        if check_body(body, request.headers.get("content-type")) != JSON:
-            raise RequestError("embeddings are requested as application/json", status=415)
-        obj = load_json(body)
-        if not isinstance(obj, dict):
-            raise RequestError("expected a JSON object with 'input'")
+        obj = await json_object(request, "input")
         model_param(obj)
         fmt = obj.pop("encoding_format", None) or "float"
         if fmt not in ("float", "base64"):
@@ -403,16 +419,55 @@ def create_app(engine: Engine, config: ServeConfig | None = None) -> FastAPI:
         usage = {"prompt_tokens": tokens, "total_tokens": tokens}
         return JSONResponse({"object": "list", "data": data, "model": engine.name, "usage": usage})
 
+    @app.post("/v1/search", tags=["embeddings"],
+              summary="The index's nearest entries to a text, image or audio")  # fmt: skip
+    async def search(request: Request):
+        """``{"query": str, "k": 10}``: the query is embedded as ``/v1/embeddings`` embeds an
+        input (a string by the text tower, ``input_type`` naming the column when there are
+        several; a ``data:image/...`` or ``data:audio/...`` URL by that tower), or given as
+        ``"embedding": [floats]``; the answer lists the ``k`` nearest index entries with their
+        cosine scores and metadata."""
+        if index is None:
+            raise RequestError("this server has no index: start it with `modalforge serve "
+                               "BUNDLE --index INDEX`", status=404)  # fmt: skip
+        obj = await json_object(request, "query")
+        model_param(obj)
+        k = obj.pop("k", 10)
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_SEARCH_K:
+            raise RequestError(f"k is an integer from 1 to {MAX_SEARCH_K}", param="k")
+        text_column = obj.pop("input_type", None)
+        given = [key for key in ("query", "embedding") if key in obj]
+        if len(given) != 1:
+            raise RequestError("give exactly one of 'query' (a string or data: URL) or "
+                               "'embedding' (a list of floats)", param="query")  # fmt: skip
+        value = obj.pop(given[0])
+        if obj:
+            raise RequestError(f"unknown field(s) {sorted(obj)}", param=sorted(obj)[0])
+        if given == ["embedding"]:
+            vector = embedding_vector(value, index.dim)
+        else:
+            fields = embedding_fields(engine, value, text_column, "query")
+            (result,) = await each([fields], "query")
+            vector = np.asarray(result["embeddings"][next(iter(fields))], dtype=np.float32)
+        hits = index.search(vector, k=min(k, len(index)))[0] if len(index) else []
+        data = [{"object": "search_result", "rank": r, "id": h.id, "score": h.score,
+                 "metadata": h.metadata} for r, h in enumerate(hits, 1)]  # fmt: skip
+        return JSONResponse({"object": "list", "data": data, "model": engine.name,
+                             "index": index_card(index)})  # fmt: skip
+
     # -- describe -------------------------------------------------------------------------------
+    def card() -> dict[str, Any]:
+        return {**engine.card(), **({"index": index_card(index)} if index is not None else {})}
+
     @app.get("/v1/models", tags=["models"], summary="The served model (OpenAI list format)")
     async def models():
-        return {"object": "list", "data": [engine.card()]}
+        return {"object": "list", "data": [card()]}
 
     @app.get("/v1/models/{model_id}", tags=["models"], summary="One model")
     async def model(model_id: str):
         if model_id != engine.name:
             raise RequestError(f"model {model_id!r} is not served here", status=404, param="model")
-        return engine.card()
+        return card()
 
     @app.get("/healthz", tags=["ops"], summary="The process is up")
     async def healthz():
@@ -483,6 +538,36 @@ def embedding_fields(engine: Engine, item: Any, text_column: str | None, where: 
                            if text_column else f"{where}: this model has no text tower",
                            param="input_type" if text_column else where)  # fmt: skip
     return {column: item}
+
+
+def embedding_vector(value: Any, dim: int) -> np.ndarray:
+    """A query vector given in a search request."""
+    ok = isinstance(value, list) and len(value) == dim
+    if ok and all(isinstance(v, int | float) and not isinstance(v, bool) for v in value):
+        vector = np.asarray(value, dtype=np.float32)
+        if np.isfinite(vector).all() and np.abs(vector).max() > 0:
+            return vector
+    raise RequestError(f"embedding: expected {dim} finite numbers, not all zero", param="embedding")
+
+
+def check_index(engine: Engine, index: EmbeddingIndex) -> None:
+    """An index is searched only with the embeddings of the model that built it."""
+    if engine.task != "contrastive":
+        raise ValueError(f"an index is searched with a contrastive bundle; {engine.name!r} is a "
+                         f"{engine.task} model")  # fmt: skip
+    if index.dim != engine.embedding_dim:
+        raise ValueError(f"the index holds {index.dim}-d vectors; this model embeds into "
+                         f"{engine.embedding_dim}")  # fmt: skip
+    built_by = index.info.get("model_version")
+    if built_by and built_by != engine.version:
+        raise ValueError(f"the index was built by weights {built_by}, this model's are "
+                         f"{engine.version} (variant {engine.variant}): rebuild it with "
+                         "`modalforge index build`")  # fmt: skip
+
+
+def index_card(index: EmbeddingIndex) -> dict[str, Any]:
+    return {"size": len(index), "dim": index.dim, "backend": index.backend,
+            "column": index.info.get("column")}  # fmt: skip
 
 
 def _authorized(headers: dict[bytes, bytes], key: str) -> bool:
