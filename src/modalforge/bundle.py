@@ -101,7 +101,8 @@ class Bundle:
 
     @property
     def task(self) -> str:
-        """``"classification" | "regression" | "contrastive" | "caption" | ...``"""
+        """``"classification" | "regression" | "contrastive" | "caption" | "transcribe" | ...``
+        (any non-empty string is accepted; only classification requires ``labels``)."""
         return str(self.meta["task"])
 
     @property

