@@ -272,3 +272,57 @@ def test_evaluate_a_manifest(packaged, tmp_path):
     assert "row 0 (line 2), audio='bad.wav'" in with_bad["failed"][0]["error"]
     with pytest.raises(ValueError, match="no column"):
         packaged.evaluate(tmp_path / "m.csv", text="transcript", progress=False)
+
+
+@needs_espeak
+def test_served_transcriptions_speak_openai(packaged, tmp_path):
+    import base64
+
+    from fastapi.testclient import TestClient
+    from typer.testing import CliRunner
+
+    from modalforge.cli import app as cli
+    from modalforge.serve import Engine, ServeConfig, create_app
+
+    from .serving import running_server
+
+    openai = pytest.importorskip("openai")
+    path = packaged.save(tmp_path / "whisper").path
+    wav = espeak_wav(CLEAR, tmp_path / "clear.wav")
+    engine = Engine.from_bundle(path, device="cpu")
+    assert engine.card()["task"] == "transcribe"
+    with TestClient(create_app(engine, ServeConfig())) as c:
+        r = c.post("/v1/audio/transcriptions", files={"file": ("clear.wav", wav.read_bytes())},
+                   data={"model": engine.name, "response_format": "text"})  # fmt: skip
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain"), r.text
+        assert word_error_rate(CLEAR, r.text) <= 0.2, r.text
+        audio = base64.b64encode(wav.read_bytes()).decode()
+        predicted = c.post("/v1/predict", json={"audio": audio}).json()
+        assert predicted["text"] == r.text
+        for files, data, status, needle in [
+            ({"other": ("x", b"1")}, {}, 422, "'file'"),
+            (
+                {"file": ("a.wav", wav.read_bytes())},
+                {"response_format": "srt"},
+                422,
+                "json or text",
+            ),
+            ({"file": ("a.wav", b"RIFF1234WAVEjunk")}, {}, 422, "audio"),
+            ({"file": ("a.wav", wav.read_bytes())}, {"model": "other"}, 404, "not served"),
+            ({"file": ("a.wav", wav.read_bytes())}, {"speed": "2"}, 422, "unknown field"),
+        ]:
+            r = c.post("/v1/audio/transcriptions", files=files, data=data)
+            assert r.status_code == status and needle in r.json()["error"]["message"], r.text
+        r = c.post("/v1/audio/transcriptions", json={"file": audio})
+        assert r.status_code == 415
+        r = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
+        assert r.status_code == 422 and "captioning bundle" in r.json()["error"]["message"]
+    with running_server(path) as (url, _):
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused")
+        name = client.models.list().data[0].id
+        with wav.open("rb") as f:
+            got = client.audio.transcriptions.create(model=name, file=f)
+        assert word_error_rate(CLEAR, got.text) <= 0.2, got.text
+    out = CliRunner().invoke(cli, ["transcribe", str(wav), "--bundle", str(path), "--json"])
+    assert out.exit_code == 0, out.output
+    assert word_error_rate(CLEAR, json.loads(out.output)["text"]) <= 0.2

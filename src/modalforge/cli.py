@@ -175,6 +175,42 @@ def data_build(
         )
 
 
+@data_app.command("vqa")
+def data_vqa(
+    manifest: Annotated[Path, typer.Argument(help="A manifest with images and their metadata.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="The question manifest to write (CSV).")],
+    image: Annotated[str, typer.Option(help="The image column.")] = "image",
+    name: Annotated[str, typer.Option(help="The column of names (yes/no questions).")] = "text",
+    category: Annotated[str, typer.Option(help="The category column.")] = "category",
+    subcategory: Annotated[str, typer.Option(help="The subcategory column.")] = "subcategory",
+    min_count: Annotated[
+        int, typer.Option(help="A yes/no word ends at least this many names.")
+    ] = 8,
+    seed: Annotated[int, typer.Option(help="Seed of the yes/no words drawn.")] = 0,
+) -> None:
+    """Question-answer pairs from the metadata: the category and subcategory of each image, and
+    yes/no questions ("is this a face?") answered by its name; each image's split is kept."""
+    import os
+
+    from modalforge.data.manifest import ManifestError, read_manifest
+    from modalforge.vqa import vqa_manifest
+
+    try:
+        source = read_manifest(manifest)
+        frame = vqa_manifest(source.frame, image, name, category, subcategory, min_count, seed)
+    except (ManifestError, ValueError) as err:
+        fail(str(err))
+    # image paths relative to the new manifest's folder
+    folder = out.resolve().parent
+    frame["image"] = [os.path.relpath(source.root / p, folder) if not Path(p).is_absolute()
+                      else p for p in frame["image"]]  # fmt: skip
+    out.parent.mkdir(parents=True, exist_ok=True)
+    frame.to_csv(out, index=False)
+    counts = frame["qtype"].value_counts().to_dict()
+    console.print(f"{out}: {len(frame)} questions ({counts}), "
+                  f"{frame['answer'].nunique()} answers")  # fmt: skip
+
+
 @data_app.command("schema")
 def data_schema(
     manifest: Annotated[Path, typer.Argument(help="CSV, JSONL or Parquet manifest.")],
@@ -353,7 +389,7 @@ def train(
     ] = None,
     task: Annotated[
         str | None,
-        typer.Option(help="classification, regression (default: guessed) or contrastive."),
+        typer.Option(help="classification, regression (default: guessed), contrastive or caption."),
     ] = None,
     pairs: Annotated[
         str | None,
@@ -361,6 +397,23 @@ def train(
             help="--task contrastive: columns to align, e.g. image:text,audio:text (CLIP-style "
             "towers + projections, symmetric InfoNCE; --label then only stratifies the split "
             "and is the zero-shot target)."
+        ),
+    ] = None,
+    caption: Annotated[
+        str | None,
+        typer.Option(
+            help="--task caption: the column of captions to learn to write for the image column "
+            "(the first of --columns, default 'image'): its encoder's grid + a decoder."
+        ),
+    ] = None,
+    decoder: Annotated[
+        str | None, typer.Option(help="--task caption: transformer or gru (Show-Attend-Tell).")
+    ] = None,
+    evaluate_by: Annotated[
+        str | None,
+        typer.Option(
+            help="A column whose groups get their own test accuracy beside their majority "
+            "answer (VQA: qtype)."
         ),
     ] = None,
     epochs: Annotated[
@@ -412,10 +465,13 @@ def train(
         "modality_dropout": modality_dropout, "augment": augment, "seed": seed,
         "devices": devices, "accelerator": accelerator, "strategy": strategy,
         "num_nodes": num_nodes, "columns": columns,
-        "pairs": pairs.split(",") if pairs else None,
+        "pairs": pairs.split(",") if pairs else None, "caption": caption, "decoder": decoder,
+        "evaluate_by": evaluate_by,
     }  # fmt: skip
     if pairs and task is None:
         flags["task"] = "contrastive"
+    if caption and task is None:
+        flags["task"] = "caption"
     try:
         encoders = _encoder_flags(image_encoder, text_encoder, audio_encoder, encoder)
         # command "run": without --out or a config's `out`, the folder is runs/run as before
@@ -1210,10 +1266,19 @@ def serve(
             "searched by POST /v1/search."
         ),
     ] = None,
+    allow_url: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="A URL prefix whose images /v1/chat/completions may fetch (default: data: "
+            "URLs only). Repeatable."
+        ),
+    ] = None,
 ) -> None:
     """Serve a bundle over HTTP: /v1/predict (JSON or multipart), /v1/predict/batch, /v1/models,
     /healthz, /readyz, /metrics, OpenAPI at /docs, and a browser playground at /. Contrastive
-    bundles answer /v1/embeddings (OpenAI's format) and, with --index, /v1/search.
+    bundles answer /v1/embeddings (OpenAI's format) and, with --index, /v1/search; captioning
+    bundles /v1/caption and /v1/chat/completions; speech-to-text bundles
+    /v1/audio/transcriptions.
 
     Requests from concurrent clients are batched (up to --max-batch samples) while the model runs
     in its own thread; SIGTERM / Ctrl-C stops taking requests and finishes those in flight.
@@ -1225,7 +1290,8 @@ def serve(
 
     config = ServeConfig(max_batch=max_batch, batch_timeout_ms=batch_timeout_ms,
                          max_queue=max_queue, workers=workers, max_body_mb=max_body_mb,
-                         request_timeout_s=request_timeout_s, api_key=api_key or None)  # fmt: skip
+                         request_timeout_s=request_timeout_s, api_key=api_key or None,
+                         allow_urls=tuple(allow_url or ()))  # fmt: skip
     import torch
 
     # Only the inference thread should run parallel torch work. Each thread that does gets its
@@ -1257,6 +1323,99 @@ def serve(
                 timeout_graceful_shutdown=int(config.drain_timeout_s))  # fmt: skip
 
 
+@app.command()
+def caption(
+    bundle: Annotated[Path, typer.Argument(help="A captioning bundle (train --task caption).")],
+    images: Annotated[list[Path], typer.Argument(help="Image files to caption.")],
+    method: Annotated[str, typer.Option(help="beam, greedy or sample.")] = "beam",
+    beam_width: Annotated[int, typer.Option(help="Beam search: sequences kept.")] = 3,
+    length_penalty: Annotated[
+        float, typer.Option(help="Beam search: GNMT alpha (0: raw log-probability).")
+    ] = 0.6,
+    temperature: Annotated[float, typer.Option(help="Sampling: softmax temperature.")] = 1.0,
+    top_p: Annotated[float, typer.Option(help="Sampling: nucleus mass kept.")] = 0.9,
+    seed: Annotated[int, typer.Option(help="Sampling: random seed.")] = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON lines.")] = False,
+) -> None:
+    """Write a caption for each image with a captioning bundle."""
+    from modalforge.bundle import BundleError
+    from modalforge.caption import CaptionPredictor
+    from modalforge.data.errors import DecodeError
+    from modalforge.models.decoding import DecodeOptions
+    from modalforge.predictor import MultimodalPredictor
+
+    missing = [str(i) for i in images if not i.is_file()]
+    if missing:
+        fail(f"no such file: {', '.join(missing)}")
+    try:
+        predictor = MultimodalPredictor.load(bundle)
+        if not isinstance(predictor, CaptionPredictor):
+            fail(f"{bundle} is a {predictor.task} bundle, not a captioning one")
+        options = DecodeOptions(method, beam_width, length_penalty, temperature, top_p,
+                                predictor.config.max_length, seed)  # fmt: skip
+        texts = predictor.caption([str(i.resolve()) for i in images], options, root="/")
+    except (BundleError, DecodeError, ValueError, FileNotFoundError) as err:
+        fail(str(err))
+    for path, text in zip(images, texts, strict=True):
+        if as_json:
+            print(json.dumps({"image": str(path), "caption": text}))
+        else:
+            console.print(f"{path}: [bold]{text}[/]", highlight=False)
+
+
+@app.command()
+def transcribe(
+    audio: Annotated[
+        list[Path] | None, typer.Argument(help="Audio files (WAV, FLAC, OGG, MP3).")
+    ] = None,
+    bundle: Annotated[
+        Path | None,
+        typer.Option(help="A speech-to-text bundle (default: the packaged Whisper tiny.en)."),
+    ] = None,
+    save_bundle: Annotated[
+        Path | None,
+        typer.Option(help="Write the transcriber as a bundle (to serve it) and stop."),
+    ] = None,
+    manifest: Annotated[
+        Path | None, typer.Option(help="Score a manifest of audio + reference text (WER).")
+    ] = None,
+    audio_column: Annotated[str, typer.Option(help="--manifest: the audio column.")] = "audio",
+    text_column: Annotated[str, typer.Option(help="--manifest: the reference column.")] = "text",
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="--manifest: report folder.")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON lines.")] = False,
+) -> None:
+    """Speech to text with Whisper: transcribe files, score a manifest (word error rate), or
+    save the transcriber as a bundle for `modalforge serve` (/v1/audio/transcriptions)."""
+    from modalforge.bundle import BundleError
+    from modalforge.data.errors import DecodeError
+    from modalforge.transcribe import Transcriber
+
+    if not (audio or save_bundle or manifest):
+        fail("give audio files, --manifest or --save-bundle")
+    try:
+        with console.status("loading Whisper ..."):
+            model = Transcriber.load(bundle) if bundle else Transcriber.packaged()
+        if save_bundle is not None:
+            saved = model.save(save_bundle)
+            console.print(f"bundle: {saved.path}")
+        if manifest is not None:
+            result = model.evaluate(manifest, audio_column, text_column, out_dir=out)
+            if result["wer"] is None:
+                fail(f"{manifest}: no row could be scored ({result['n_failed']} failed)")
+            console.print(f"{result['n']} rows ({result['n_failed']} failed): WER "
+                          f"{result['wer']:.4f} (corpus), {result['mean_row_wer']:.4f} (mean per "
+                          "row)" + (f"; report in {out}" if out else ""))  # fmt: skip
+        for path, text in zip(audio or [], model.transcribe_sources(audio or []), strict=True):
+            if as_json:
+                print(json.dumps({"audio": str(path), "text": text}))
+            else:
+                console.print(f"{path}: [bold]{text}[/]", highlight=False)
+    except (BundleError, DecodeError, ValueError, FileNotFoundError, FileExistsError) as err:
+        fail(str(err))
+
+
 def _contrastive(bundle: Path):
     from modalforge.bundle import BundleError
     from modalforge.contrastive import ContrastivePredictor
@@ -1286,7 +1445,10 @@ def index_build(
     ] = None,
     dtype: Annotated[str, typer.Option(help="float32 or float16 (half the size).")] = "float32",
     kind: Annotated[
-        str, typer.Option(help="auto (exact below 20,000 rows, else HNSW), exact or hnsw.")
+        str,
+        typer.Option(
+            help="auto (exact below 50,000 rows, 12,000 in float16; else HNSW), exact or hnsw."
+        ),
     ] = "auto",
     overwrite: Annotated[bool, typer.Option(help="Replace an existing index.")] = False,
 ) -> None:

@@ -208,7 +208,11 @@ class MultimodalPredictor:
 
     def _loader(self, manifest: Manifest, cached, targets=None, train: bool = False,
                 shuffle: bool = False, soft: torch.Tensor | None = None):  # fmt: skip
-        """Batches of ``manifest``; ``soft``: (N, C) teacher logits, as ``batch["soft"]``."""
+        """Batches of ``manifest``; ``soft``: (N, C) teacher logits, as ``batch["soft"]``; and
+        whatever per-row tensors ``_row_tensors`` gives (a captioner's token ids)."""
+        per_row = self._row_tensors(manifest)
+        if soft is not None:
+            per_row["soft"] = soft
         frozen = set(cached)
         featurizers = {c: self._featurizer(c) for c in self.model.columns}  # type: ignore[union-attr]
         dataset = MultimodalDataset(manifest, featurizers, targets, train=train,
@@ -220,8 +224,8 @@ class MultimodalPredictor:
             batch["features"] = {c: feats[index] for c, (feats, _) in cached.items()}
             for c, (_, present) in cached.items():
                 batch["mask"][c] = present[index]
-            if soft is not None:
-                batch["soft"] = soft[index]
+            for key, values in per_row.items():
+                batch[key] = values[index]
             return batch
 
         generator = torch.Generator().manual_seed(self.fit_config.seed)
@@ -229,6 +233,10 @@ class MultimodalPredictor:
             dataset, batch_size=self.fit_config.batch_size, shuffle=shuffle, collate_fn=collate_fn,
             num_workers=self.fit_config.num_workers, generator=generator,
         )  # fmt: skip
+
+    def _row_tensors(self, manifest: Manifest) -> dict[str, torch.Tensor]:
+        """Per-row tensors (first dimension: the manifest's rows) that batches carry."""
+        return {}
 
     # ------------------------------------------------------------------ fit
     def _targets(self, manifest: Manifest) -> list:
@@ -246,7 +254,7 @@ class MultimodalPredictor:
             groups = frame["group"].astype(str).tolist() if "group" in frame else None
             strata = (  # classes (or a contrastive run's label, e.g. a category) stay balanced
                 frame[self.label].astype(str).tolist()
-                if self.label in frame and self.task != "regression"
+                if self.label in frame and self.task not in ("regression", "caption")
                 else ["all"] * len(frame)
             )
             split = stratified_split(strata, seed=self.fit_config.seed, groups=groups)
@@ -584,10 +592,13 @@ class MultimodalPredictor:
         out_dir: str | Path | None = None,
         ablation: bool = True,
         title: str | None = None,
+        by: str | None = None,
     ) -> dict[str, Any]:
         """Metrics on ``data`` (only rows whose ``split`` column equals ``split``, if given), a
         modality-ablation table and the fusion's weights; with ``out_dir``, ``report.md`` +
-        ``report.html`` + PNG plots. Returns the metrics as a JSON-safe dict."""
+        ``report.html`` + PNG plots. ``by``: a column (a VQA question type) whose groups get
+        their own accuracy, beside answering each group's most common label. Returns the
+        metrics as a JSON-safe dict."""
         from modalforge.evaluate import (
             classification_metrics,
             modality_ablation,
@@ -622,7 +633,21 @@ class MultimodalPredictor:
             if base.weights is not None:
                 present = np.stack([base.present[c] for c in model.columns], axis=1)
                 weights = summarize_weights(base.weights, list(model.columns), present)
+        groups = None
+        if by is not None and self.task == "classification":
+            groups = accuracy_by(manifest.frame, by, y, base.probs.argmax(1), self.labels)  # type: ignore[arg-type]
         extra = {
+            **(
+                {
+                    f"accuracy by {by} (majority answer)": {
+                        k: f"{g['accuracy']:.4f} "
+                        f"({g['majority_accuracy']:.4f} '{g['majority']}', {g['rows']} rows)"
+                        for k, g in groups.items()
+                    }
+                }
+                if groups
+                else {}
+            ),
             "rows": len(manifest),
             "fusion": self.fusion,
             "encoders": {c: s.name for c, s in self.config.inputs.items()},  # type: ignore[union-attr]
@@ -632,9 +657,13 @@ class MultimodalPredictor:
             ),
             "latency per row, cached features (ms)": round(latency_ms, 4),
         }
+        headline = metrics.headline()
+        for key, g in (groups or {}).items():
+            headline[f"accuracy {by}={key}"] = g["accuracy"]
         result = {
             "metrics": metrics.to_dict(),
-            "headline": metrics.headline(),
+            "headline": headline,
+            **({"by": {"column": by, "groups": groups}} if groups else {}),
             "ablation": [r.to_dict() for r in rows] if rows else None,
             "weights": weights,
             **extra,
@@ -667,9 +696,21 @@ class MultimodalPredictor:
             metrics=metrics or {},
             extra={"fit": json.loads(json.dumps(asdict(self.fit_config), default=str)),
                    "history": self.history},
-            assets={f"vocab.{c}.json": v.to_dict() for c, v in self.vocabs.items()},
+            assets=self._assets(),
             overwrite=overwrite,
         )  # fmt: skip
+
+    def _assets(self) -> dict[str, Any]:
+        """JSON files the bundle carries beside the weights (word vocabularies)."""
+        return {f"vocab.{c}.json": v.to_dict() for c, v in self.vocabs.items()}
+
+    def _restore(self, bundle) -> None:
+        """Read back what ``_assets`` wrote (before the model is rebuilt)."""
+        self.vocabs = {
+            name[len("vocab.") : -len(".json")]: WordVocab.from_dict(bundle.asset(name))
+            for name in bundle.assets
+            if name.startswith("vocab.")
+        }
 
     @classmethod
     def load(
@@ -683,6 +724,9 @@ class MultimodalPredictor:
         from modalforge.bundle import BundleError, load_bundle
 
         bundle = load_bundle(path)
+        if bundle.task == "transcribe":
+            raise BundleError(f"{path}: a speech-to-text bundle: load it with "
+                              "modalforge.transcribe.Transcriber.load")  # fmt: skip
         if variant != "pytorch":
             spec = bundle.variants.get(variant)
             if spec is None:
@@ -702,6 +746,10 @@ class MultimodalPredictor:
             predictor: MultimodalPredictor = ContrastivePredictor.from_config(
                 config_dict, label=bundle.label_column, cache_dir=cache_dir
             )
+        elif bundle.task == "caption":
+            from modalforge.caption import CaptionPredictor
+
+            predictor = CaptionPredictor.from_config(config_dict, cache_dir=cache_dir)
         else:
             config = ModelConfig.from_dict(config_dict)
             predictor = cls(label=bundle.label_column or "", task=bundle.task,
@@ -710,11 +758,7 @@ class MultimodalPredictor:
             predictor.config = config
         predictor.schema = bundle.schema
         predictor.labels = bundle.labels or None
-        predictor.vocabs = {
-            name[len("vocab.") : -len(".json")]: WordVocab.from_dict(bundle.asset(name))
-            for name in bundle.assets
-            if name.startswith("vocab.")
-        }
+        predictor._restore(bundle)
         fit = bundle.extra.get("fit") or {}
         if isinstance(fit.get("seed"), int):  # finetune() then splits the rows as fit() did
             predictor.fit_config.seed = fit["seed"]
@@ -760,6 +804,23 @@ def _quiet_lightning() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
     warnings.filterwarnings("ignore", message=r".*LeafSpec.*")
+
+
+def accuracy_by(frame: pd.DataFrame, column: str, y: np.ndarray, pred: np.ndarray,
+                labels: list[str]) -> dict[str, dict[str, Any]]:  # fmt: skip
+    """Accuracy per value of ``column``, beside the accuracy of always answering that group's
+    most common label (counted on these rows: the strongest constant answer there is)."""
+    if column not in frame:
+        raise ValueError(f"evaluate by {column!r}: no such column (columns: {list(frame)})")
+    keys = frame[column].astype(str).to_numpy()
+    out = {}
+    for key in sorted(set(keys)):
+        rows = keys == key
+        majority = int(np.bincount(y[rows]).argmax())
+        out[key] = {"rows": int(rows.sum()), "accuracy": float((pred[rows] == y[rows]).mean()),
+                    "majority": labels[majority],
+                    "majority_accuracy": float((y[rows] == majority).mean())}  # fmt: skip
+    return out
 
 
 def _guess_task(values: pd.Series) -> str:

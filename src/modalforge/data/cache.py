@@ -85,13 +85,17 @@ class FeatureCache:
         encode_batch: Callable[[list[Any]], torch.Tensor],
         batch_size: int = 32,
         progress: bool = True,
+        kind: str = "pooled",
+        dim: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Pooled features ``(N, D)`` float32 for ``values`` and a presence mask ``(N,)``.
 
         Missing values get zero rows and mask False. ``encode_batch(values) -> (b, D)`` runs the
-        encoder on raw values that missed the cache.
+        encoder on raw values that missed the cache. Another ``kind`` of feature (``"grid"``:
+        the flattened sequence a captioner attends over) is kept apart from the pooled ones and
+        is ``dim`` wide.
         """
-        ns = namespace(encoder)
+        ns = namespace(encoder) + ("" if kind == "pooled" else f".{kind}")
         stats = self.stats.setdefault(ns, CacheStats())
         t0 = time.perf_counter()
         present = torch.tensor([not is_missing(v) for v in values], dtype=torch.bool)
@@ -127,8 +131,7 @@ class FeatureCache:
                     [(k, len(vec), vec.astype(np.float32).tobytes()) for k, vec in new.items()],
                 )
             found.update(new)
-        dim = encoder.output_dim
-        out = np.zeros((len(values), dim), dtype=np.float32)
+        out = np.zeros((len(values), dim or encoder.output_dim), dtype=np.float32)
         for i, key in enumerate(keys):
             if key is not None:
                 out[i] = found[key]

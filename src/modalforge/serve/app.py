@@ -28,20 +28,23 @@ from typing import Any
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from modalforge.index import EmbeddingIndex
 from modalforge.serve.batching import Closed, MicroBatcher, QueueFull
-from modalforge.serve.engine import Engine, RequestError
+from modalforge.serve.engine import OPTIONS, Engine, RequestError
+from modalforge.serve.generation import chat_parts, chat_response, decoding_options, image_bytes
 from modalforge.serve.metrics import ServerMetrics
 from modalforge.serve.requests import (
     JSON,
+    MULTIPART,
     batch_items,
     check_body,
     decode_base64,
     json_fields,
     load_json,
+    media_type,
     multipart_fields,
 )
 
@@ -63,6 +66,8 @@ class ServeConfig:
     max_batch_items: int = 256  # samples in one /v1/predict/batch call
     drain_timeout_s: float = 30.0
     torch_threads: int | None = None  # per inference thread; None: cores // workers
+    # URL prefixes whose images /v1/chat/completions may fetch (none: data: URLs only)
+    allow_urls: tuple[str, ...] = ()
 
 
 def error_body(
@@ -455,6 +460,111 @@ def create_app(
         return JSONResponse({"object": "list", "data": data, "model": engine.name,
                              "index": index_card(index)})  # fmt: skip
 
+    # -- generate -------------------------------------------------------------------------------
+    def require(task: str, what: str) -> None:
+        if engine.task != task:
+            raise RequestError(f"{engine.name!r} is a {engine.task} model: {what}", param="model")
+
+    def max_length() -> int:
+        return int(getattr(engine.predictor.config, "max_length", 24))
+
+    @app.post("/v1/caption", tags=["generate"], summary="A caption for an image")
+    async def caption(request: Request):
+        """JSON: the image column as base64 (or a data: URL) and optional decoding fields
+        (``method`` greedy | beam | sample, ``beam_width``, ``length_penalty``,
+        ``temperature``, ``top_p``, ``max_tokens``, ``seed``); or multipart with the image."""
+        require("caption", "captions come from a captioning bundle (train --task caption)")
+        with admission() as ticket:
+            body = await request.body()
+            mime = check_body(body, request.headers.get("content-type"))
+            options: dict[str, Any] = {}
+            if mime == JSON:
+                obj = load_json(body)
+                if not isinstance(obj, dict):
+                    raise RequestError("expected a JSON object with the image")
+                model_param(obj)
+                options = decoding_options(obj, max_length())
+                fields = json_fields(obj, columns)
+            else:
+                fields = multipart_fields(body, request.headers["content-type"], columns)
+            return JSONResponse(envelope(await result_of(ticket, {**fields, OPTIONS: options})))
+
+    @app.post("/v1/chat/completions", tags=["generate"],
+              summary="OpenAI chat completions: an image in a message -> its caption")  # fmt: skip
+    async def chat(request: Request):
+        """A captioning bundle captions the last user message's ``image_url`` part (a ``data:``
+        URL); its text is the prompt (counted, not conditioned on: the captioner reads the image
+        only). ``temperature`` 0 -> greedy, other ``temperature`` / ``top_p`` -> sampling,
+        neither -> beam search. A classifier of one image and one text column (VQA) answers
+        the message's text about the image with its label. ``n`` is 1, no streaming."""
+        vqa = vqa_columns(engine)
+        if engine.task != "caption" and vqa is None:
+            raise RequestError(f"{engine.name!r} is a {engine.task} model: chat completions come "
+                               "from a captioning bundle (train --task caption) or a classifier "
+                               "of one image and one text (VQA)", param="model")  # fmt: skip
+        obj = await json_object(request, "messages")
+        model_param(obj)
+        if obj.pop("stream", False):
+            raise RequestError("streaming is not offered: send stream false", param="stream")
+        if obj.pop("n", 1) != 1:
+            raise RequestError("n: one completion per request", param="n")
+        for ignored in ("user", "metadata", "store"):
+            obj.pop(ignored, None)
+        texts, images = chat_parts(obj)
+        options = decoding_options(obj, max_length(), chat=True)
+        if obj:
+            raise RequestError(f"unsupported field(s) {sorted(obj)}", param=sorted(obj)[0])
+        if len(images) != 1:
+            raise RequestError(f"the user message has {len(images)} images; this model reads "
+                               "one image_url part", param="messages")  # fmt: skip
+        where, url = images[0]
+        image = await image_bytes(url, where, config.allow_urls, round(config.max_body_mb * 2**20))
+        question = " ".join(t.strip() for t in texts).strip()
+        if vqa is not None:  # the answer to the question about the image (decoding unused)
+            if not question:
+                raise RequestError("a VQA model needs the question as a text part",
+                                   param="messages")  # fmt: skip
+            fields: dict[str, Any] = {vqa[0]: image, vqa[1]: question}
+        else:  # a caption of the image; the text is the prompt, not conditioned on
+            fields = {engine.inputs[0].name: image, OPTIONS: options}
+        with admission() as ticket:
+            result = await result_of(ticket, fields)
+        prompt = len(question.split()) + 1  # the image counts as one
+        text = result["label"] if vqa is not None else result["caption"]
+        return JSONResponse(chat_response(engine.name, text, prompt))
+
+    @app.post("/v1/audio/transcriptions", tags=["generate"],
+              summary="OpenAI audio transcriptions: speech -> text")  # fmt: skip
+    async def transcriptions(request: Request):
+        """multipart/form-data with ``file`` (WAV, FLAC, OGG, MP3) and ``model``;
+        ``response_format`` json (default) or text. ``language``, ``prompt`` and
+        ``temperature`` are accepted and not used (greedy decoding of the bundle's model)."""
+        require("transcribe", "transcripts come from a speech-to-text bundle (modalforge "
+                "transcribe --save-bundle)")  # fmt: skip
+        with admission() as ticket:
+            body = await request.body()
+            content_type = request.headers.get("content-type")
+            if check_body(body, content_type) != MULTIPART:
+                raise RequestError(f"send multipart/form-data with a 'file' part, not "
+                                   f"{media_type(content_type)}", status=415)  # fmt: skip
+            form = multipart_fields(body, content_type, {})
+            if "model" in form:
+                model_param({"model": form.pop("model").decode("utf-8", "replace")})
+            fmt = form.pop("response_format", b"json").decode("utf-8", "replace") or "json"
+            if fmt not in ("json", "text"):
+                raise RequestError("response_format: json or text", param="response_format")
+            for ignored in ("language", "prompt", "temperature"):
+                form.pop(ignored, None)
+            if "file" not in form:
+                raise RequestError("'file' (the audio) is required", param="file")
+            audio = form.pop("file")
+            if form:
+                raise RequestError(f"unknown field(s) {sorted(form)}", param=sorted(form)[0])
+            result = await result_of(ticket, {engine.inputs[0].name: audio})
+        if fmt == "text":
+            return PlainTextResponse(result["text"])
+        return JSONResponse({"text": result["text"]})
+
     # -- describe -------------------------------------------------------------------------------
     def card() -> dict[str, Any]:
         return {**engine.card(), **({"index": index_card(index)} if index is not None else {})}
@@ -538,6 +648,17 @@ def embedding_fields(engine: Engine, item: Any, text_column: str | None, where: 
                            if text_column else f"{where}: this model has no text tower",
                            param="input_type" if text_column else where)  # fmt: skip
     return {column: item}
+
+
+def vqa_columns(engine: Engine) -> tuple[str, str] | None:
+    """(image, question) columns of a classifier that reads exactly one of each (a VQA model)."""
+    if engine.task != "classification":
+        return None
+    kinds = [c.modality.value for c in engine.inputs]
+    if sorted(kinds) != ["image", "text"]:
+        return None
+    by_kind = {c.modality.value: c.name for c in engine.inputs}
+    return by_kind["image"], by_kind["text"]
 
 
 def embedding_vector(value: Any, dim: int) -> np.ndarray:

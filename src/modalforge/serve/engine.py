@@ -57,6 +57,12 @@ class Sample:
 
     values: dict[str, Any]
     decode_seconds: float = 0.0
+    options: dict[str, Any] | None = None  # a generating model's decoding options
+
+
+#: the request field that carries a generating model's decoding options (set by the routes,
+#: never by a client's fields: ``json_fields`` refuses unknown names before it is added)
+OPTIONS = "__options__"
 
 
 def _torch_threads(method):
@@ -138,7 +144,14 @@ class Engine:
         from modalforge.bundle import BundleError, load_bundle
         from modalforge.predictor import MultimodalPredictor
 
-        variants = load_bundle(path, verify=False).variants
+        found = load_bundle(path, verify=False)
+        if found.task == "transcribe":
+            from modalforge.transcribe import Transcriber
+
+            if variant != "pytorch":
+                raise BundleError(f"{path}: a speech-to-text bundle has no variant {variant!r}")
+            return TranscriptionEngine(Transcriber.load(path, device), name)
+        variants = found.variants
         if variant not in variants:
             raise BundleError(f"{path}: no variant {variant!r} (it has {sorted(variants)})")
         if variants[variant]["format"] in ("safetensors", "bundle"):
@@ -173,11 +186,15 @@ class Engine:
             "label_column": self.predictor.label,
             "schema": self.predictor.schema.to_dict(),
             "metrics": bundle.metrics if bundle is not None else {},
-            "fusion": None if self.task == "contrastive" else self.predictor.fusion,
-            "encoders": {c: s.name for c, s in self.predictor.config.inputs.items()},
+            "fusion": self.predictor.fusion if self.task in ("classification", "regression")
+            else None,
+            "encoders": {c: s.name for c, s in _encoder_specs(self.predictor.config).items()},
             "serving": {"device": str(self.device), "tuning": self.tuning},
             **({"pairs": [f"{a}:{b}" for a, b in self.predictor.pairs],
                 "embedding_dim": self.embedding_dim} if self.task == "contrastive" else {}),
+            **({"decoder": self.predictor.config.decoder,
+                "max_tokens": self.predictor.config.max_length - 1}
+               if self.task == "caption" else {}),
         }  # fmt: skip
 
     @property
@@ -192,6 +209,18 @@ class Engine:
         RequestError naming the field for unknown fields, missing required inputs and values
         that cannot be decoded."""
         t0 = time.perf_counter()
+        options = fields.get(OPTIONS) or None
+        fields = {k: v for k, v in fields.items() if k != OPTIONS}
+        if options is not None:
+            from modalforge.models.decoding import DecodeOptions
+
+            if self.task != "caption":
+                raise RequestError(f"decoding options are for captioning models; this is a "
+                                   f"{self.task} model", param="decoding")  # fmt: skip
+            try:
+                DecodeOptions(**options)
+            except (TypeError, ValueError) as err:
+                raise RequestError(f"decoding: {err}", param="decoding") from None
         expected = {c.name for c in self.inputs}
         unknown = sorted(set(fields) - expected)
         if unknown:
@@ -211,7 +240,7 @@ class Engine:
                 )
         if not values:
             raise RequestError(f"no inputs: give at least one of {sorted(expected)}")
-        return Sample(values, time.perf_counter() - t0)
+        return Sample(values, time.perf_counter() - t0, options)
 
     def _decode_value(self, column: Column, value: Any) -> Any:
         m = column.modality
@@ -332,6 +361,8 @@ class Engine:
     def predict(self, samples: list[Sample]) -> list[dict[str, Any]]:
         """A batch of samples -> one result dict each (label, probabilities, contributions; a
         contrastive bundle: each given input's embedding)."""
+        if self.task == "caption":
+            return self._captions(samples)
         feats, mask = self.features(samples)
         if self.task == "contrastive":
             return self._embeddings(feats, mask)
@@ -351,6 +382,32 @@ class Engine:
         weights = None if out.weights is None else out.weights[:n].float().cpu().numpy()
         present = {c: mask[c].cpu().numpy() for c in columns}
         return [self._result(i, values, weights, present, columns) for i in range(n)]
+
+    def _captions(self, samples: list[Sample]) -> list[dict[str, Any]]:
+        """Each image's caption: the encoder once over the batch (in tuned chunks), then the
+        decoder per group of requests that asked for the same decoding."""
+        from modalforge.models.decoding import DecodeOptions
+
+        column = self.inputs[0]
+        rows = list(range(len(samples)))
+        memory = [None] * len(samples)
+        for chunk in self._chunks(column, rows, samples):
+            batch = self.featurizers[column.name].collate([samples[i].values[column.name]
+                                                           for i in chunk])  # fmt: skip
+            for i, m in zip(chunk, self.model.memory(inputs=self._to_device(batch)), strict=True):
+                memory[i] = m
+        groups: dict[tuple, list[int]] = {}
+        for i, s in enumerate(samples):
+            groups.setdefault(tuple(sorted((s.options or {}).items())), []).append(i)
+        out: list[dict[str, Any]] = [{} for _ in samples]
+        for key, members in groups.items():
+            options = DecodeOptions(**{"max_length": self.predictor.config.max_length, **dict(key)})
+            texts = self.predictor.captions_from_memory(torch.stack([memory[i] for i in members]),
+                                                        options)  # fmt: skip
+            for i, text in zip(members, texts, strict=True):
+                out[i] = {"caption": text, "modalities": [column.name],
+                          "decoding": {"method": options.method}}  # fmt: skip
+        return out
 
     def _embeddings(self, feats, mask) -> list[dict[str, Any]]:
         """Unit-length embeddings of every given input (towers + projections)."""
@@ -461,6 +518,69 @@ class Engine:
         if not diff <= 1e-4:
             feat.text_cfg = original
         return {"padding": feat.text_cfg.padding, "max_abs_diff_vs_fixed": diff}
+
+
+class TranscriptionEngine(Engine):
+    """A speech-to-text bundle (``modalforge.transcribe.Transcriber``) served: one audio input,
+    a transcript per request; requests batched like any model's."""
+
+    def __init__(self, transcriber, name: str | None = None) -> None:
+        from modalforge.data.dataset import Featurizer
+
+        bundle = transcriber.bundle
+        self.predictor = transcriber
+        self.name = name or _default_name(bundle.path if bundle is not None else None)
+        self.device = transcriber.device
+        self.variant = "pytorch"
+        self.model = transcriber.model
+        self.task = "transcribe"
+        self.labels = []
+        self.inputs = list(bundle.schema.inputs)
+        preprocessing = bundle.model_config.get("preprocessing", {})
+        self.featurizers = {}
+        for column in self.inputs:
+            prep = dict(preprocessing.get(column.name, {}))
+            prep["max_seconds"] = min(float(prep.get("max_seconds", 30.0)), MAX_AUDIO_SECONDS)
+            prep["max_decode_seconds"] = prep["max_seconds"]
+            self.featurizers[column.name] = Featurizer(Modality.AUDIO, prep)
+        self.chunk_size = {c.name: None for c in self.inputs}
+        self.tuning = {}
+        self._tokenizer_lock = threading.Lock()
+        self.version = bundle.files.get("model.safetensors", {}).get("sha256", "")[:12]
+        self.created = int(time.time())
+        self.bundle = bundle
+        self._torch_threads = contextlib.nullcontext
+
+    @property
+    def embedding_dim(self) -> None:
+        return None
+
+    def card(self) -> dict[str, Any]:
+        return {
+            "id": self.name, "object": "model", "created": self.created,
+            "owned_by": "modalforge", "task": self.task, "version": self.version,
+            "variant": self.variant,
+            "inputs": [{"name": c.name, "type": c.modality.value, "required": c.required}
+                       for c in self.inputs],
+            "schema": self.bundle.schema.to_dict(), "metrics": self.bundle.metrics,
+            "serving": {"device": str(self.device), "tuning": self.tuning},
+        }  # fmt: skip
+
+    @torch.inference_mode()
+    def predict(self, samples: list[Sample]) -> list[dict[str, Any]]:
+        column = self.inputs[0].name
+        texts = self.predictor.transcribe([s.values[column] for s in samples])
+        return [{"text": text, "modalities": [column]} for text in texts]
+
+    def tune(self, max_batch: int = 32) -> dict[str, Any]:
+        return self.tuning
+
+
+def _encoder_specs(config) -> dict[str, Any]:
+    """Column -> EncoderSpec of a model config (a captioner has one image encoder)."""
+    if hasattr(config, "inputs"):
+        return dict(config.inputs)
+    return {config.image: config.encoder}
 
 
 def _empty(value: Any) -> bool:

@@ -190,3 +190,27 @@ class ContrastiveModule(MultimodalModule):
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         self.model.clamp_()
+
+
+class CaptionModule(MultimodalModule):
+    """Trains a ``CaptionModel`` with teacher forcing: cross-entropy of every next token, label
+    smoothing (``optim.label_smoothing``) in training only, so ``val_loss`` -- what early
+    stopping watches -- is the plain per-token cross-entropy. Batches carry ``tokens``."""
+
+    def __init__(self, model, optim: OptimConfig) -> None:
+        super().__init__(model, "caption", optim)
+
+    def _step(self, batch: dict[str, Any], stage: str) -> torch.Tensor:
+        from modalforge.models.caption import caption_loss
+
+        image = self.model.config.image
+        features = (batch.get("features") or {}).get(image)
+        inputs = None if features is not None else batch["inputs"][image]
+        memory = self.model.memory(features, inputs)
+        smoothing = self.optim.label_smoothing if stage == "train" else 0.0
+        loss, accuracy = caption_loss(self.model, memory, batch["tokens"], smoothing)
+        size = len(batch["index"])
+        self.log(f"{stage}_loss", loss, prog_bar=True, batch_size=size, on_epoch=True,
+                 on_step=False)  # fmt: skip
+        self.log(f"{stage}_token_acc", accuracy, batch_size=size, on_epoch=True, on_step=False)
+        return loss

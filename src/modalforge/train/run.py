@@ -29,13 +29,18 @@ class RunOptions:
     manifest: str
     label: str | None = None  # required but for --task contrastive (there: stratifies the split)
     out: str = "runs/run"
-    task: str | None = None  # classification | regression | contrastive (None: guessed)
+    task: str | None = None  # classification | regression | contrastive | caption (None: guessed)
     # contrastive: the columns aligned with each other, e.g. ["image:text", "audio:text"]
     pairs: list[str] | None = None
     embed_dim: int = 256  # contrastive: the shared embedding width
     projection: str = "mlp"  # contrastive: each tower's projection head (mlp | linear)
     projection_dropout: float = 0.0  # contrastive: dropout inside the mlp heads
     zero_shot: list[str] | None = None  # contrastive: columns classified zero-shot (None: label)
+    evaluate_by: str | None = None  # a column whose groups get their own accuracy (VQA: qtype)
+    caption: str | None = None  # caption: the column of captions (the image: columns[0] or "image")
+    decoder: str = "transformer"  # caption: transformer | gru (Show-Attend-Tell)
+    decoder_layers: int = 2  # caption: transformer layers (width: hidden)
+    decoder_dropout: float = 0.3  # caption
     fusion: str = "concat"
     fusion_kwargs: dict[str, Any] = field(default_factory=dict)
     # column or modality -> encoder name, e.g. {"image": "efficientnet_lite0"}
@@ -134,8 +139,21 @@ class RunOptions:
                                         dropout=self.projection_dropout, fit_config=fit,
                                         cache_dir=self.cache_dir,
                                         on_bad_row=self.on_bad_row)  # fmt: skip
+        if self.task == "caption":
+            from modalforge.caption import DEFAULT_ENCODER, CaptionPredictor
+
+            if not self.caption:
+                raise ValueError("--task caption needs the caption column (--caption)")
+            image = (self.columns or ["image"])[0]
+            spec = specs.get(image) or specs.get("image") or DEFAULT_ENCODER
+            return CaptionPredictor(image, self.caption, spec, decoder=self.decoder,
+                                    dim=self.hidden, layers=self.decoder_layers,
+                                    dropout=self.decoder_dropout, fit_config=fit,
+                                    cache_dir=self.cache_dir, schema=schema,
+                                    on_bad_row=self.on_bad_row)  # fmt: skip
         if not self.label:
-            raise ValueError("a label column is needed (--label), except for --task contrastive")
+            raise ValueError("a label column is needed (--label), except for --task contrastive "
+                             "and caption")  # fmt: skip
         return MultimodalPredictor(label=self.label, task=self.task, fusion=self.fusion,
                                    fusion_kwargs=self.fusion_kwargs, encoders=specs,
                                    columns=self.columns, schema=schema, hidden=self.hidden,
@@ -163,6 +181,8 @@ def train_run(
     summary: dict[str, Any] = {"run": str(out), "history": predictor.history}
     if test is not None and len(test):
         extra = {"zero_shot": options.zero_shot} if options.zero_shot else {}
+        if options.evaluate_by:
+            extra["by"] = options.evaluate_by
         result = predictor.evaluate(test, out_dir=out / "report", **extra)
         summary.update(result)
     if options.save_bundle:

@@ -1,0 +1,132 @@
+"""Decoding a sequence model token by token: greedy, beam search, nucleus sampling.
+
+A model is anything with ``next_logits(memory, prefix) -> (B, V)`` (the captioner; the same
+step is what the ONNX export runs). Sequences start with ``bos`` and end at ``eos`` or
+``max_length`` tokens; what comes back leaves both out.
+
+* **greedy**: the most likely token at each step.
+* **beam search** (``width``): the ``width`` best partial sequences by summed log-probability;
+  a sequence that emits ``eos`` is finished. Finished ones are ranked by ``logp / lp(len)`` with
+  GNMT's length penalty ``lp = ((5 + len) / 6) ** alpha`` (Wu et al. 2016; ``alpha = 0``: raw
+  log-probability, which favours short captions). The search stops once ``width`` sequences
+  are finished (or at ``max_length``: then the open beams are ranked the same way).
+* **sampling**: from ``softmax(logits / temperature)``, restricted to the smallest set of tokens
+  whose probability reaches ``top_p`` (Holtzman et al. 2020), with a seeded generator.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+METHODS = ("greedy", "beam", "sample")
+
+
+@dataclass(frozen=True)
+class DecodeOptions:
+    method: str = "beam"
+    beam_width: int = 3
+    length_penalty: float = 0.6
+    temperature: float = 1.0
+    top_p: float = 0.9
+    max_length: int = 24
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"decoding method must be one of {METHODS}, not {self.method!r}")
+        if self.beam_width < 1:
+            raise ValueError(f"beam_width must be >= 1, got {self.beam_width}")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.max_length < 2:
+            raise ValueError(f"max_length must be >= 2, got {self.max_length}")
+
+
+def length_penalty(length: int, alpha: float) -> float:
+    return ((5 + length) / 6) ** alpha
+
+
+@torch.no_grad()
+def decode(
+    model, memory: torch.Tensor, bos: int, eos: int, options: DecodeOptions = DecodeOptions()
+) -> list[list[int]]:
+    """Token ids (without ``bos`` / ``eos``) for each of the ``B`` rows of ``memory``."""
+    if options.method == "beam" and options.beam_width > 1:
+        return [_beam(model, memory[i : i + 1], bos, eos, options) for i in range(len(memory))]
+    return _step_all(model, memory, bos, eos, options)
+
+
+def _step_all(model, memory, bos: int, eos: int, options: DecodeOptions) -> list[list[int]]:
+    """Greedy (beam width 1 too) or sampling, the whole batch at once."""
+    n = len(memory)
+    prefix = torch.full((n, 1), bos, dtype=torch.long, device=memory.device)
+    done = torch.zeros(n, dtype=torch.bool, device=memory.device)
+    generator = None
+    if options.method == "sample":
+        generator = torch.Generator(device=memory.device).manual_seed(options.seed)
+    for _ in range(options.max_length - 1):
+        logits = model.next_logits(memory, prefix).float()
+        if options.method == "sample":
+            token = _nucleus(logits / options.temperature, options.top_p, generator)
+        else:
+            token = logits.argmax(-1)
+        token = torch.where(done, torch.full_like(token, eos), token)
+        prefix = torch.cat([prefix, token[:, None]], 1)
+        done |= token == eos
+        if bool(done.all()):
+            break
+    return [_strip(row.tolist()[1:], eos) for row in prefix]
+
+
+def _nucleus(logits: torch.Tensor, top_p: float, generator) -> torch.Tensor:
+    probs = logits.softmax(-1)
+    sorted_p, order = probs.sort(-1, descending=True)
+    # keep a token while the mass before it is below top_p (the first token always stays)
+    keep = (sorted_p.cumsum(-1) - sorted_p) < top_p
+    sorted_p = sorted_p * keep
+    choice = torch.multinomial(sorted_p / sorted_p.sum(-1, keepdim=True), 1, generator=generator)
+    return order.gather(-1, choice).squeeze(-1)
+
+
+def _beam(model, memory: torch.Tensor, bos: int, eos: int, options: DecodeOptions) -> list[int]:
+    width, alpha = options.beam_width, options.length_penalty
+    beams = torch.full((1, 1), bos, dtype=torch.long, device=memory.device)
+    scores = torch.zeros(1, device=memory.device)
+    finished: list[tuple[float, list[int]]] = []
+    for _ in range(options.max_length - 1):
+        logp = model.next_logits(memory.expand(len(beams), -1, -1), beams).float()
+        logp = logp.log_softmax(-1)
+        total = (scores[:, None] + logp).flatten()
+        top = total.topk(min(2 * width, len(total)))
+        vocab = logp.shape[-1]
+        keep_beams, keep_scores = [], []
+        for score, flat in zip(top.values.tolist(), top.indices.tolist(), strict=True):
+            row, token = divmod(flat, vocab)
+            seq = [*beams[row].tolist(), token]
+            if token == eos:
+                words = seq[1:-1]
+                finished.append((score / length_penalty(len(words) + 1, alpha), words))
+            else:
+                keep_beams.append(seq)
+                keep_scores.append(score)
+            if len(keep_beams) == width:
+                break
+        if len(finished) >= width or not keep_beams:
+            break
+        beams = torch.tensor(keep_beams, device=memory.device)
+        scores = torch.tensor(keep_scores, device=memory.device)
+    if not finished:  # max_length reached: the open beams, ranked the same way
+        finished = [(s / length_penalty(len(b), alpha), b[1:])
+                    for s, b in zip(scores.tolist(), beams.tolist(), strict=True)]  # fmt: skip
+    return max(finished, key=lambda f: f[0])[1]
+
+
+def _strip(tokens: list[int], eos: int) -> list[int]:
+    return tokens[: tokens.index(eos)] if eos in tokens else tokens
+
+
+__all__ = ["METHODS", "DecodeOptions", "decode", "length_penalty"]

@@ -1,0 +1,149 @@
+"""Requests of the generating routes, in OpenAI's shapes: ``/v1/chat/completions`` (an image in a
+user message -> its caption), ``/v1/caption`` and ``/v1/audio/transcriptions``.
+
+Decoding follows what a chat client asks for: ``temperature: 0`` is greedy search, another
+``temperature`` or a ``top_p`` is nucleus sampling, neither is the model's default (beam search,
+width 3, GNMT length penalty 0.6); ``beam_width`` / ``length_penalty`` (an extension, sent in the
+body, e.g. the ``openai`` package's ``extra_body``) ask for a beam. Image URLs are ``data:`` URLs;
+any other URL is refused unless it starts with a prefix of the server's allow-list
+(``--allow-url``), and then it is fetched without redirects, within the size and time limits.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+from modalforge.models.decoding import DecodeOptions
+from modalforge.serve.engine import RequestError
+from modalforge.serve.requests import decode_base64
+
+#: the decoding fields a /v1/caption body may carry, and their types
+CAPTION_OPTIONS = {
+    "method": str, "beam_width": int, "length_penalty": float, "temperature": float,
+    "top_p": float, "max_tokens": int, "seed": int,
+}  # fmt: skip
+FETCH_TIMEOUT_S = 10.0
+
+
+def _typed(obj: dict[str, Any], key: str, kind: type) -> Any:
+    value = obj.pop(key)
+    ok = isinstance(value, kind) or (kind is float and isinstance(value, int))
+    if not ok or isinstance(value, bool):
+        raise RequestError(f"{key}: expected {'a number' if kind is float else kind.__name__}",
+                           param=key)  # fmt: skip
+    return value
+
+
+def decoding_options(obj: dict[str, Any], max_length: int, chat: bool = False) -> dict[str, Any]:
+    """Pop the decoding fields of ``obj``; the options for ``DecodeOptions`` (checked)."""
+    given = {k: _typed(obj, k, kind) for k, kind in CAPTION_OPTIONS.items() if k in obj}
+    for key in ("max_completion_tokens",) if chat else ():
+        if key in obj:
+            given["max_tokens"] = _typed(obj, key, int)
+    options: dict[str, Any] = {}
+    if "max_tokens" in given:
+        if given["max_tokens"] < 1:
+            raise RequestError("max_tokens must be at least 1", param="max_tokens")
+        options["max_length"] = min(max_length, given.pop("max_tokens") + 1)  # + <bos>
+    if "method" in given:
+        options["method"] = given.pop("method")
+    elif "temperature" in given and given["temperature"] == 0:
+        options["method"] = "greedy"
+    elif "temperature" in given or "top_p" in given:
+        options["method"] = "sample"
+    elif "beam_width" in given or "length_penalty" in given:
+        options["method"] = "beam"
+    if options.get("method") != "sample" or given.get("temperature") == 0:
+        given.pop("temperature", None)
+    options.update(given)
+    try:
+        DecodeOptions(**options)
+    except (TypeError, ValueError) as err:
+        raise RequestError(str(err), param=next(iter(given), "method")) from None
+    return options
+
+
+async def image_bytes(url: Any, where: str, allow: tuple[str, ...], max_bytes: int) -> bytes:
+    """A ``data:`` URL's bytes, or an allowed URL fetched."""
+    if not isinstance(url, str) or not url.strip():
+        raise RequestError(f"{where}: expected a URL string", param=where)
+    if url.startswith("data:"):
+        return decode_base64(url, where)
+    if not any(url.startswith(prefix) for prefix in allow):
+        raise RequestError(f"{where}: URLs are not fetched (this server takes data: URLs"
+                           + (f", or URLs under {list(allow)})" if allow else
+                              "; start it with --allow-url PREFIX to fetch some)"),
+                           param=where)  # fmt: skip
+    import httpx
+
+    try:
+        client = httpx.AsyncClient(timeout=FETCH_TIMEOUT_S, follow_redirects=False)
+        async with client, client.stream("GET", url) as response:
+            if response.status_code != 200:
+                raise RequestError(f"{where}: fetching {url} gave HTTP {response.status_code}",
+                                   param=where)  # fmt: skip
+            data = bytearray()
+            async for chunk in response.aiter_bytes():
+                data += chunk
+                if len(data) > max_bytes:
+                    raise RequestError(f"{where}: {url} is larger than {max_bytes} bytes",
+                                       status=413, param=where)  # fmt: skip
+            return bytes(data)
+    except httpx.HTTPError as err:
+        raise RequestError(f"{where}: fetching {url} failed: {type(err).__name__}",
+                           param=where) from None  # fmt: skip
+
+
+def chat_parts(obj: dict[str, Any]) -> tuple[list[str], list[tuple[str, Any]]]:
+    """The last user message of a chat request -> its text parts and image URLs (with where
+    each was found)."""
+    messages = obj.pop("messages", None)
+    if not isinstance(messages, list) or not messages:
+        raise RequestError("'messages' is a non-empty list", param="messages")
+    users = [(i, m) for i, m in enumerate(messages) if isinstance(m, dict)
+             and m.get("role") == "user"]  # fmt: skip
+    if not users:
+        raise RequestError("no message with role 'user'", param="messages")
+    i, message = users[-1]
+    content = message.get("content")
+    texts: list[str] = []
+    images: list[tuple[str, Any]] = []
+    if isinstance(content, str):
+        texts.append(content)
+    elif isinstance(content, list):
+        for j, part in enumerate(content):
+            where = f"messages[{i}].content[{j}]"
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "text" and isinstance(part.get("text"), str):
+                texts.append(part["text"])
+            elif kind == "image_url":
+                image = part.get("image_url")
+                url = image.get("url") if isinstance(image, dict) else image
+                images.append((f"{where}.image_url.url", url))
+            else:
+                raise RequestError(f"{where}: a part is {{'type': 'text', 'text': ...}} or "
+                                   "{'type': 'image_url', 'image_url': {'url': ...}}",
+                                   param=where)  # fmt: skip
+    else:
+        raise RequestError(f"messages[{i}].content: a string or a list of parts",
+                           param=f"messages[{i}].content")  # fmt: skip
+    return texts, images
+
+
+def chat_response(model: str, text: str, prompt_tokens: int) -> dict[str, Any]:
+    completion = len(text.split())
+    return {
+        "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                     "finish_reason": "stop", "logprobs": None}],
+        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
+                  "total_tokens": prompt_tokens + completion},
+    }  # fmt: skip
+
+
+__all__ = ["chat_parts", "chat_response", "decoding_options", "image_bytes"]

@@ -1,0 +1,263 @@
+"""Captioning with a tiny CNN: decoding (greedy / beam / sampling), training on a toy set, the
+report, the bundle, the CLI, and serving through /v1/caption and OpenAI's chat completions."""
+
+import base64
+import json
+import math
+
+import pandas as pd
+import pytest
+import torch
+
+from modalforge.caption import CaptionPredictor, caption_words, detokenize
+from modalforge.models import EncoderSpec
+from modalforge.models.decoding import DecodeOptions, decode, length_penalty
+from modalforge.predictor import FitConfig
+from modalforge.train.module import OptimConfig
+
+from .conftest import COLORS, png_bytes
+
+CAPTIONS = {"r": "a bright red apple", "g": "a small green leaf", "b": "the deep blue sea"}
+TINY_FROZEN = EncoderSpec("cnn", {"widths": (8, 16), "depth": 1, "image_size": 30}, "frozen")
+
+
+class Table:
+    """A 'model' whose next-token log-probabilities depend only on the prefix, from a table:
+    prefix (tuple of ids after <bos>) -> {token: probability}; ids: 0 pad, 2 bos, 3 eos."""
+
+    def __init__(self, table: dict[tuple, dict[int, float]], vocab: int = 8) -> None:
+        self.table, self.vocab = table, vocab
+
+    def next_logits(self, memory: torch.Tensor, prefix: torch.Tensor) -> torch.Tensor:
+        rows = []
+        for p in prefix.tolist():
+            probs = torch.full((self.vocab,), 1e-9)
+            for token, q in self.table.get(tuple(p[1:]), {3: 1.0}).items():
+                probs[token] = q
+            rows.append(probs.log())
+        return torch.stack(rows)
+
+
+def test_beam_search_finds_what_greedy_misses_and_sampling_is_seeded():
+    # greedy takes 4 (0.6) then 5 or 6 (0.5 each): 0.30; beam finds 7 (0.4) then eos (1.0)
+    table = {(): {4: 0.6, 7: 0.4}, (4,): {5: 0.5, 6: 0.5}, (4, 5): {3: 1.0}, (4, 6): {3: 1.0},
+             (7,): {3: 1.0}}  # fmt: skip
+    model, memory = Table(table), torch.zeros(2, 1, 1)
+    assert decode(model, memory, 2, 3, DecodeOptions("greedy")) == [[4, 5], [4, 5]]
+    assert decode(model, memory, 2, 3, DecodeOptions("beam", beam_width=2, length_penalty=0)) == [
+        [7],
+        [7],
+    ]
+    # a strong length penalty prefers the longer sequence: log(0.3)/lp(3) > log(0.4)/lp(2)
+    assert math.log(0.3) / length_penalty(3, 3.0) > math.log(0.4) / length_penalty(2, 3.0)
+    assert decode(model, memory[:1], 2, 3, DecodeOptions("beam", 2, length_penalty=3.0)) == [[4, 5]]
+    # sampling: the same seed, the same draws; top_p that keeps one token is greedy
+    sampled = [decode(model, torch.zeros(64, 1, 1), 2, 3, DecodeOptions("sample", seed=s))
+               for s in (1, 1, 2)]  # fmt: skip
+    assert sampled[0] == sampled[1] != sampled[2]
+    assert {tuple(r) for r in sampled[0]} <= {(4, 5), (4, 6), (7,)}
+    assert len({tuple(r) for r in sampled[0]}) == 3
+    # top_p 0.5 keeps only the most likely token at every step: 4, then one of the tied 5 / 6
+    nucleus = decode(model, torch.zeros(16, 1, 1), 2, 3, DecodeOptions("sample", top_p=0.5))
+    assert len({tuple(r) for r in nucleus}) == 1 and nucleus[0][0] == 4
+    with pytest.raises(ValueError, match="top_p"):
+        DecodeOptions("sample", top_p=0)
+    with pytest.raises(ValueError, match="method"):
+        DecodeOptions("nucleus")
+
+
+def test_caption_words_and_detokenize():
+    assert caption_words("Family: Woman, Boy") == ["family", ":", "woman", ",", "boy"]
+    assert detokenize(caption_words("face with stuck-out tongue")) == "face with stuck-out tongue"
+    assert detokenize(["family", ":", "woman", ",", "boy"]) == "family: woman, boy"
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    """60 squares in three colours (shades vary), each captioned by its colour's sentence."""
+    root = tmp_path_factory.mktemp("captions")
+    (root / "img").mkdir()
+    rows = []
+    for i in range(60):
+        c = "rgb"[i % 3]
+        shade = tuple(min(255, max(0, v + (i % 7) * 5 - 15)) for v in COLORS[c])
+        (root / "img" / f"{i}.png").write_bytes(png_bytes((30, 30), shade))
+        rows.append({"image": f"img/{i}.png", "text": CAPTIONS[c]})
+    pd.DataFrame(rows).to_csv(root / "manifest.csv", index=False)
+    return root / "manifest.csv"
+
+
+@pytest.fixture(scope="module")
+def fitted(toy):
+    optim = OptimConfig(lr=3e-3, warmup_ratio=0.0, label_smoothing=0.1)
+    p = CaptionPredictor("image", "text", TINY_FROZEN, dim=32, layers=1, heads=2, dropout=0.0,
+                         max_length=8, cache_dir=toy.parent / "cache",
+                         fit_config=FitConfig(epochs=25, batch_size=16, patience=30,
+                                              optim=optim))  # fmt: skip
+    p.fit(toy, out_dir=toy.parent / "run", progress=False)
+    return p
+
+
+def test_training_learns_the_captions_and_the_report_scores_them(fitted, toy, tmp_path):
+    p = fitted
+    assert p.history["best_score"] < 0.5  # val cross-entropy per token
+    test = p.test_manifest
+    want = [CAPTIONS["rgb"[int(v.split("/")[1].split(".")[0]) % 3]] for v in test.frame["image"]]
+    for method in ("greedy", "beam"):
+        got = p.caption(test, DecodeOptions(method, max_length=8))
+        assert got == want, method
+    result = p.evaluate(test, out_dir=tmp_path / "report")
+    scores = result["scores"]
+    assert set(scores) == {"greedy", "beam 3", "nearest neighbour"}
+    assert scores["beam 3"]["bleu4"] == pytest.approx(1.0)
+    assert scores["beam 3"]["exact"] == 1.0 and scores["beam 3"]["cider_d"] >= 0
+    assert result["reference_words_in_vocabulary"] == 1.0
+    for name in ("report.md", "metrics.json", "captions.csv", "captions.png"):
+        assert (tmp_path / "report" / name).stat().st_size > 0, name
+    assert "| beam 3 | 1.0000" in (tmp_path / "report" / "report.md").read_text()
+    assert len(pd.read_csv(tmp_path / "report" / "captions.csv")) == len(test)
+    with pytest.raises(ValueError, match="captions"):
+        p.predict(test)
+
+
+def test_a_gru_decoder_trains_the_encoder_end_to_end(toy):
+    optim = OptimConfig(lr=3e-3, warmup_ratio=0.0)
+    spec = EncoderSpec("cnn", {"widths": (8, 16), "depth": 1, "image_size": 30})  # not frozen
+    p = CaptionPredictor("image", "text", spec, decoder="gru", dim=32, dropout=0.0, max_length=8,
+                         cache_dir=toy.parent / "cache-gru",
+                         fit_config=FitConfig(epochs=6, batch_size=16, patience=10,
+                                              optim=optim))  # fmt: skip
+    p.fit(toy, out_dir=toy.parent / "run-gru", progress=False)
+    logs = pd.read_csv(toy.parent / "run-gru" / "logs" / "metrics.csv")
+    val = logs["val_loss"].dropna().to_numpy()
+    assert val[-1] < val[0] * 0.7, val
+    assert not p.model.encoder("image").frozen
+
+
+def test_the_bundle_round_trip_and_the_command_line(fitted, toy, tmp_path):
+    from typer.testing import CliRunner
+
+    from modalforge.cli import app as cli
+    from modalforge.predictor import MultimodalPredictor
+
+    path = fitted.save(tmp_path / "bundle")
+    assert {"model.safetensors", "caption_vocab.json", "modalforge.json"} <= {
+        f.name for f in path.path.iterdir()
+    }
+    loaded = MultimodalPredictor.load(path.path)
+    assert isinstance(loaded, CaptionPredictor)
+    images = [str(toy.parent / "img" / f"{i}.png") for i in range(6)]
+    assert loaded.caption(images, root="/") == fitted.caption(images, root="/")
+    out = CliRunner().invoke(cli, ["caption", str(path.path), *images[:3], "--json"])
+    assert out.exit_code == 0, out.output
+    lines = [json.loads(line) for line in out.output.splitlines()]
+    assert [x["caption"] for x in lines] == [CAPTIONS[c] for c in "rgb"]
+    bad = CliRunner().invoke(cli, ["caption", str(path.path), str(tmp_path / "none.png")])
+    assert bad.exit_code == 1 and "no such file" in bad.output
+
+
+@pytest.fixture(scope="module")
+def bundle(fitted, tmp_path_factory):
+    return fitted.save(tmp_path_factory.mktemp("caption-bundle") / "captioner").path
+
+
+def _data_url(color) -> str:
+    return "data:image/png;base64," + base64.b64encode(png_bytes((30, 30), color)).decode()
+
+
+def test_caption_and_chat_routes(bundle):
+    import http.server
+    import threading
+
+    from fastapi.testclient import TestClient
+
+    from modalforge.serve import Engine, ServeConfig, create_app
+
+    engine = Engine.from_bundle(bundle, device="cpu")
+    assert engine.card()["task"] == "caption" and engine.card()["fusion"] is None
+    red = base64.b64encode(png_bytes((30, 30), COLORS["r"])).decode()
+    image = png_bytes((30, 30), COLORS["g"])
+    handler = type("H", (http.server.BaseHTTPRequestHandler,), {
+        "do_GET": lambda self: (self.send_response(200), self.end_headers(),
+                                self.wfile.write(image)),
+        "log_message": lambda *a: None,
+    })  # fmt: skip
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    allowed = f"http://127.0.0.1:{server.server_address[1]}/ok/"
+    config = ServeConfig(allow_urls=(allowed,))
+    try:
+        with TestClient(create_app(engine, config)) as c:
+            r = c.post("/v1/caption", json={"image": red})
+            assert r.status_code == 200, r.text
+            assert r.json()["caption"] == CAPTIONS["r"]
+            assert c.post("/v1/predict", json={"image": red}).json()["caption"] == CAPTIONS["r"]
+            sampled = c.post("/v1/caption", json={"image": red, "temperature": 0.5, "seed": 1})
+            assert sampled.json()["decoding"]["method"] == "sample"
+            greedy = c.post("/v1/caption", json={"image": red, "method": "greedy"}).json()
+            assert greedy["caption"] == CAPTIONS["r"]
+            short = c.post("/v1/caption", json={"image": red, "max_tokens": 2}).json()
+            assert len(short["caption"].split()) <= 2
+            messages = [{"role": "user", "content": [
+                {"type": "text", "text": "What is in this picture?"},
+                {"type": "image_url", "image_url": {"url": _data_url(COLORS["b"])}}]}]  # fmt: skip
+            chat = c.post("/v1/chat/completions", json={"model": engine.name,
+                                                        "messages": messages})  # fmt: skip
+            assert chat.status_code == 200, chat.text
+            body = chat.json()
+            assert body["object"] == "chat.completion"
+            assert body["choices"][0]["message"] == {"role": "assistant",
+                                                     "content": CAPTIONS["b"]}  # fmt: skip
+            fetched = [{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": allowed + "leaf.png"}}]}]  # fmt: skip
+            got = c.post("/v1/chat/completions", json={"messages": fetched, "temperature": 0})
+            assert got.json()["choices"][0]["message"]["content"] == CAPTIONS["g"], got.text
+            other = [{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": "http://127.0.0.1:9/x.png"}}]}]  # fmt: skip
+            two = [{"role": "user", "content": [messages[0]["content"][1]] * 2}]
+            for bad, status, needle in [
+                ({"messages": other}, 422, "not fetched"),
+                ({"messages": messages, "stream": True}, 422, "streaming"),
+                ({"messages": messages, "n": 2}, 422, "one completion"),
+                ({"messages": two}, 422, "2 images"),
+                ({"messages": messages, "temperature": -1}, 422, "temperature"),
+                ({"messages": messages, "tools": []}, 422, "unsupported"),
+                ({"messages": [{"role": "system", "content": "hi"}]}, 422, "role 'user'"),
+                ({"messages": messages, "model": "other"}, 404, "not served"),
+            ]:
+                r = c.post("/v1/chat/completions", json=bad)
+                assert r.status_code == status and needle in r.json()["error"]["message"], (
+                    bad, r.text)  # fmt: skip
+            r = c.post("/v1/caption", json={"image": red, "beam_width": 0})
+            assert r.status_code == 422 and "beam_width" in r.json()["error"]["message"]
+            # the routes set the options; a client's own are checked like any input
+            r = c.post("/v1/predict", json={"image": red, "__options__": {"method": "x"}})
+            assert r.status_code == 422 and "decoding" in r.json()["error"]["message"], r.text
+            r = c.post("/v1/audio/transcriptions", files={"file": ("a.wav", b"RIFF")})
+            assert r.status_code == 422 and "speech-to-text" in r.json()["error"]["message"]
+            assert c.get("/healthz").status_code == 200  # still alive after every refusal
+    finally:
+        server.shutdown()
+
+
+def test_openai_chat_completions_against_a_real_server(bundle):
+    openai = pytest.importorskip("openai")
+    from .serving import running_server
+
+    with running_server(bundle) as (url, _):
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused")
+        name = client.models.list().data[0].id
+        reply = client.chat.completions.create(model=name, messages=[{"role": "user", "content": [
+            {"type": "text", "text": "Caption this image."},
+            {"type": "image_url", "image_url": {"url": _data_url(COLORS["r"])}}]}])  # fmt: skip
+        assert reply.choices[0].message.content == CAPTIONS["r"]
+        assert reply.choices[0].finish_reason == "stop" and reply.usage.completion_tokens == 4
+        sampled = client.chat.completions.create(
+            model=name, temperature=0.7, top_p=0.95, max_tokens=8,
+            messages=[{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": _data_url(COLORS["g"])}}]}],
+        )  # fmt: skip
+        assert isinstance(sampled.choices[0].message.content, str)
+        with pytest.raises(openai.UnprocessableEntityError, match="not fetched"):
+            client.chat.completions.create(model=name, messages=[{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}]}])  # fmt: skip
