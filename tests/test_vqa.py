@@ -99,7 +99,7 @@ def test_vqa_is_scored_per_question_type_and_answers_chat(vqa, tmp_path):
     assert groups["colour"]["majority_accuracy"] == pytest.approx(1 / 3)
     assert groups["colour"]["accuracy"] > 0.9, groups
     assert result["headline"]["accuracy qtype=colour"] == groups["colour"]["accuracy"]
-    assert "accuracy by qtype" in (tmp_path / "report" / "report.md").read_text()
+    assert "Accuracy by qtype" in (tmp_path / "report" / "report.md").read_text()
     path = p.save(tmp_path / "bundle").path
     engine = Engine.from_bundle(path, device="cpu")
     url = "data:image/png;base64," + base64.b64encode(png_bytes((30, 30), COLORS["g"])).decode()

@@ -509,6 +509,10 @@ def evaluate(
     split: Annotated[
         str | None, typer.Option(help="Only rows whose `split` column equals this.")
     ] = None,
+    by: Annotated[
+        str | None,
+        typer.Option(help="A column whose groups get their own accuracy (VQA: qtype)."),
+    ] = None,
 ) -> None:
     """Evaluate a bundle on a manifest: metrics, modality ablation, report.md/.html with plots."""
     from modalforge.bundle import BundleError
@@ -516,7 +520,8 @@ def evaluate(
 
     try:
         predictor = MultimodalPredictor.load(bundle)
-        result = predictor.evaluate(manifest, split=split, out_dir=out)
+        result = predictor.evaluate(manifest, split=split, out_dir=out,
+                                    **({"by": by} if by else {}))  # fmt: skip
     except (BundleError, ValueError, FileNotFoundError) as err:
         fail(str(err))
     console.print(json.dumps(result["headline"], indent=2))

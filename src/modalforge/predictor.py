@@ -637,17 +637,6 @@ class MultimodalPredictor:
         if by is not None and self.task == "classification":
             groups = accuracy_by(manifest.frame, by, y, base.probs.argmax(1), self.labels)  # type: ignore[arg-type]
         extra = {
-            **(
-                {
-                    f"accuracy by {by} (majority answer)": {
-                        k: f"{g['accuracy']:.4f} "
-                        f"({g['majority_accuracy']:.4f} '{g['majority']}', {g['rows']} rows)"
-                        for k, g in groups.items()
-                    }
-                }
-                if groups
-                else {}
-            ),
             "rows": len(manifest),
             "fusion": self.fusion,
             "encoders": {c: s.name for c, s in self.config.inputs.items()},  # type: ignore[union-attr]
@@ -669,8 +658,13 @@ class MultimodalPredictor:
             **extra,
         }
         if out_dir is not None:
+            tables = {f"Accuracy by {by}": [
+                {by: k, "rows": g["rows"], "accuracy": g["accuracy"],
+                 "majority answer": g["majority"], "its accuracy": g["majority_accuracy"]}
+                for k, g in groups.items()]} if groups else None  # fmt: skip
             report = write_report(out_dir, title or f"modalforge: {self.label}", metrics,
-                                  ablation=rows, weights=weights, extra=extra)  # fmt: skip
+                                  ablation=rows, weights=weights, extra=extra,
+                                  tables=tables)  # fmt: skip
             result["report"] = str(report)
         return result
 

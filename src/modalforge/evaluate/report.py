@@ -37,6 +37,7 @@ def write_report(
     weights: WeightSummary | None = None,
     extra: dict[str, Any] | None = None,
     examples: list[dict[str, Any]] | None = None,
+    tables: dict[str, list[dict[str, Any]]] | None = None,
 ) -> Path:
     """Write the report into ``out_dir`` (created if needed; files of the same name are
     replaced) and return the path of ``report.html``.
@@ -44,7 +45,8 @@ def write_report(
     ``metrics`` from ``classification_metrics`` or ``regression_metrics``; ``ablation`` from
     ``modality_ablation``; ``weights`` from ``summarize_weights``; ``extra`` is shown as a
     key/value table (nested values as JSON) and stored in ``metrics.json``; ``examples`` are
-    rows of a table (e.g. the worst predictions), columns in order of first appearance, all shown.
+    rows of a table (e.g. the worst predictions), columns in order of first appearance, all shown;
+    ``tables``: more such tables, each under its title (e.g. the accuracy per question type).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -58,6 +60,8 @@ def write_report(
         sections.append(_ablation(list(ablation), out))
     if weights:
         sections.append(_weights(weights, out))
+    for name, records in (tables or {}).items():
+        sections.append(Section(name, [_records_table(records)]))
     if examples:
         sections.append(Section("Examples", [_records_table(examples)]))
     if extra:
