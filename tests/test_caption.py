@@ -28,14 +28,17 @@ class Table:
     def __init__(self, table: dict[tuple, dict[int, float]], vocab: int = 8) -> None:
         self.table, self.vocab = table, vocab
 
-    def next_logits(self, memory: torch.Tensor, prefix: torch.Tensor) -> torch.Tensor:
+    def start(self, memory: torch.Tensor, bos: int) -> dict[str, torch.Tensor]:
+        return {"prefix": torch.full((len(memory), 1), bos)}
+
+    def step(self, memory: torch.Tensor, state: dict[str, torch.Tensor]):
         rows = []
-        for p in prefix.tolist():
+        for p in state["prefix"].tolist():
             probs = torch.full((self.vocab,), 1e-9)
             for token, q in self.table.get(tuple(p[1:]), {3: 1.0}).items():
                 probs[token] = q
             rows.append(probs.log())
-        return torch.stack(rows)
+        return torch.stack(rows), state
 
 
 def test_beam_search_finds_what_greedy_misses_and_sampling_is_seeded():
@@ -261,3 +264,39 @@ def test_openai_chat_completions_against_a_real_server(bundle):
         with pytest.raises(openai.UnprocessableEntityError, match="not fetched"):
             client.chat.completions.create(model=name, messages=[{"role": "user", "content": [
                 {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}]}])  # fmt: skip
+
+
+@pytest.mark.parametrize("decoder", ["transformer", "gru"])
+def test_captioners_export_to_onnx_through_the_gate_and_serve(decoder, fitted, toy, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from modalforge.bundle import load_bundle
+    from modalforge.export import export_bundle
+    from modalforge.serve import Engine, ServeConfig, create_app
+
+    p = fitted
+    if decoder == "gru":  # a small GRU captioner on the same rows
+        optim = OptimConfig(lr=3e-3, warmup_ratio=0.0)
+        p = CaptionPredictor("image", "text", TINY_FROZEN, decoder="gru", dim=32, dropout=0.0,
+                             max_length=8, cache_dir=toy.parent / "cache",
+                             fit_config=FitConfig(epochs=8, batch_size=16, optim=optim))  # fmt: skip
+        p.fit(toy, out_dir=tmp_path / "run", progress=False)
+    path = p.save(tmp_path / "bundle").path
+    info = export_bundle(path, toy)
+    parity = info["parity"]
+    assert parity["passed"] and parity["max_abs_diff"] <= 1e-3
+    assert parity["agreement"] == {"greedy": 1.0, "beam": 1.0}
+    roles = {"memory", "step", "start"} if decoder == "gru" else {"memory", "step"}
+    assert set(info["caption"]) == roles | {"decoder"}
+    assert all((path / f).is_file() for f in load_bundle(path).variants["onnx"]["files"])
+    engine = Engine.from_bundle(path, device="cpu", variant="onnx")
+    reference = Engine.from_bundle(path, device="cpu")
+    red = base64.b64encode(png_bytes((30, 30), COLORS["r"])).decode()
+    with (
+        TestClient(create_app(engine, ServeConfig())) as c,
+        TestClient(create_app(reference, ServeConfig())) as ref,
+    ):
+        for body in ({"image": red}, {"image": red, "method": "greedy"}):
+            got = c.post("/v1/caption", json=body)
+            assert got.status_code == 200, got.text
+            assert got.json()["caption"] == ref.post("/v1/caption", json=body).json()["caption"]

@@ -177,11 +177,13 @@ class CaptionPredictor(MultimodalPredictor):
         manifest = self._manifest(data, root)
         return self.captions_from_memory(self.memory(manifest, progress), options)
 
-    def captions_from_memory(self, memory: torch.Tensor, options: DecodeOptions | None = None
-                             ) -> list[str]:  # fmt: skip
+    def captions_from_memory(self, memory: torch.Tensor, options: DecodeOptions | None = None,
+                             model=None) -> list[str]:  # fmt: skip
+        """Decode ``memory`` with ``model`` (default: this predictor's; an ONNX variant's
+        ``OrtCaptioner`` decodes the same way)."""
         options = options or DecodeOptions(max_length=self.config.max_length)  # type: ignore[union-attr]
         vocab = self.vocab
-        ids = decode(self.model, memory, vocab.bos_id, vocab.eos_id, options)  # type: ignore[union-attr]
+        ids = decode(model or self.model, memory, vocab.bos_id, vocab.eos_id, options)  # type: ignore[union-attr]
         return [detokenize([vocab.itos[i] for i in row if i > vocab.eos_id or i == vocab.unk_id])  # type: ignore[union-attr]
                 for row in ids]  # fmt: skip
 

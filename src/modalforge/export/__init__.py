@@ -226,6 +226,12 @@ def export_bundle(
     if quantize is not None and quantize not in SCHEMES:
         raise ValueError(f"quantize must be one of {sorted(SCHEMES)}, not {quantize!r}")
     predictor = MultimodalPredictor.load(bundle)
+    if predictor.task == "caption":
+        from modalforge.export.caption import export_caption_bundle
+
+        if quantize:
+            raise ValueError("--quantize: int8 captioning graphs are not offered yet")
+        return export_caption_bundle(bundle, manifest, name, overwrite)
     if predictor.task == "contrastive":
         if quantize:
             raise ValueError("--quantize: int8 towers of a contrastive bundle are not offered yet")

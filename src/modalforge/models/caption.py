@@ -1,6 +1,6 @@
 """Image captioning: a registered image encoder's grid features + a decoder over a word vocabulary.
 
-Two decoders, one interface (``logits`` for teacher forcing, ``next_logits`` for decoding):
+Two decoders, one interface (``logits`` for teacher forcing, ``start`` / ``step`` for decoding):
 
 * ``gru`` -- Show, Attend and Tell (Xu et al. 2015) with a GRU cell: at each step additive
   attention over the grid (``v . tanh(W_m m + W_h h)``), the context gated by
@@ -66,8 +66,9 @@ class CaptionConfig:
 
 class CaptionModel(nn.Module):
     """``memory(features)`` -> ``(B, grid + 1, dim)``; ``logits(memory, tokens)`` -> ``(B, T,
-    V)`` (teacher forcing: position t predicts token t + 1); ``next_logits(memory, prefix)`` ->
-    ``(B, V)``, the next token's logits after ``prefix`` (``(B, t)``, starting with <bos>)."""
+    V)`` (teacher forcing: position t predicts token t + 1); ``start`` / ``step``: decoding one
+    token at a time, the state a dict of tensors (the prefix, or the GRU's hidden state and
+    last token) -- what the ONNX export's one-step graph runs."""
 
     def __init__(self, encoder: Encoder, config: CaptionConfig) -> None:
         super().__init__()
@@ -124,10 +125,40 @@ class CaptionModel(nn.Module):
             return self._transformer(memory, tokens)
         return self._gru(memory, tokens)
 
-    def next_logits(self, memory: torch.Tensor, prefix: torch.Tensor) -> torch.Tensor:
-        return self.logits(memory, prefix)[:, -1]
+    def start(self, memory: torch.Tensor, bos: int) -> dict[str, torch.Tensor]:
+        """The decoding state before the first step: the prefix ``<bos>`` (transformer), or the
+        first hidden state and the token to read next (GRU)."""
+        token = torch.full((len(memory),), bos, dtype=torch.long, device=memory.device)
+        if self.config.decoder == "transformer":
+            return {"prefix": token[:, None]}
+        return {"h": self.init_state(memory), "token": token}
 
-    def _transformer(self, memory: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    def step(
+        self, memory: torch.Tensor, state: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The next token's logits ``(B, V)`` and the state that has read the last token
+        (``decoding.advance`` then appends the chosen one)."""
+        if self.config.decoder == "transformer":
+            return self._transformer(memory, state["prefix"], padded=False)[:, -1], state
+        logits, h = self.gru_step(memory, state["h"], state["token"])
+        return logits, {**state, "h": h}
+
+    def init_state(self, memory: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.init_h(memory.mean(1)))
+
+    def gru_step(
+        self, memory: torch.Tensor, h: torch.Tensor, token: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One Show-Attend-Tell step: read ``token`` with the context attended from ``h``."""
+        emb = self.drop(self.embed(token))
+        context, _ = self.attend(memory, h)
+        h = self.cell(torch.cat([emb, context], -1), h)
+        return self.out(self.drop(torch.cat([h, context, emb], -1))), h
+
+    def _transformer(self, memory: torch.Tensor, tokens: torch.Tensor, padded: bool = True
+                     ) -> torch.Tensor:  # fmt: skip
+        """``padded``: mask ``<pad>`` positions (teacher forcing); a decoding prefix has none,
+        and without the mask the step exports to ONNX with a dynamic length."""
         t = tokens.shape[1]
         if t > self.config.max_length:
             raise ValueError(f"{t} tokens: this model was built for at most "
@@ -135,7 +166,8 @@ class CaptionModel(nn.Module):
         pos = torch.arange(t, device=tokens.device)
         x = self.drop(self.embed(tokens) * math.sqrt(self.config.dim) + self.positions(pos))
         causal = torch.ones(t, t, dtype=torch.bool, device=tokens.device).triu(1)
-        h = self.decoder(x, memory, tgt_mask=causal, tgt_key_padding_mask=tokens == 0)
+        pad = tokens == 0 if padded else None
+        h = self.decoder(x, memory, tgt_mask=causal, tgt_key_padding_mask=pad, tgt_is_causal=True)
         return self.out(h)
 
     def attend(self, memory: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -147,13 +179,11 @@ class CaptionModel(nn.Module):
         return torch.sigmoid(self.gate(h)) * context, alpha
 
     def _gru(self, memory: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        h = torch.tanh(self.init_h(memory.mean(1)))
-        emb = self.drop(self.embed(tokens))
+        h = self.init_state(memory)
         steps = []
         for i in range(tokens.shape[1]):
-            context, _ = self.attend(memory, h)
-            h = self.cell(torch.cat([emb[:, i], context], -1), h)
-            steps.append(self.out(self.drop(torch.cat([h, context, emb[:, i]], -1))))
+            logits, h = self.gru_step(memory, h, tokens[:, i])
+            steps.append(logits)
         return torch.stack(steps, 1)
 
 

@@ -1,8 +1,9 @@
 """Decoding a sequence model token by token: greedy, beam search, nucleus sampling.
 
-A model is anything with ``next_logits(memory, prefix) -> (B, V)`` (the captioner; the same
-step is what the ONNX export runs). Sequences start with ``bos`` and end at ``eos`` or
-``max_length`` tokens; what comes back leaves both out.
+A model is anything with ``start(memory, bos) -> state`` and ``step(memory, state) -> (logits
+(B, V), state)``, the state a dict of tensors with one row per sequence (the captioner, in
+PyTorch or as its ONNX graphs); ``advance`` appends the chosen tokens. Sequences start with
+``bos`` and end at ``eos`` or ``max_length`` tokens; what comes back leaves both out.
 
 * **greedy**: the most likely token at each step.
 * **beam search** (``width``): the ``width`` best partial sequences by summed log-probability;
@@ -60,26 +61,42 @@ def decode(
     return _step_all(model, memory, bos, eos, options)
 
 
+def advance(state: dict[str, torch.Tensor], token: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The state after ``token`` (B,) is chosen: appended to the prefix, or the GRU's next
+    input."""
+    if "prefix" in state:
+        return {**state, "prefix": torch.cat([state["prefix"], token[:, None]], 1)}
+    return {**state, "token": token}
+
+
+def _rows(state: dict[str, torch.Tensor], rows: torch.Tensor) -> dict[str, torch.Tensor]:
+    return {k: v[rows] for k, v in state.items()}
+
+
 def _step_all(model, memory, bos: int, eos: int, options: DecodeOptions) -> list[list[int]]:
     """Greedy (beam width 1 too) or sampling, the whole batch at once."""
     n = len(memory)
-    prefix = torch.full((n, 1), bos, dtype=torch.long, device=memory.device)
+    state = model.start(memory, bos)
+    tokens = []
     done = torch.zeros(n, dtype=torch.bool, device=memory.device)
     generator = None
     if options.method == "sample":
         generator = torch.Generator(device=memory.device).manual_seed(options.seed)
     for _ in range(options.max_length - 1):
-        logits = model.next_logits(memory, prefix).float()
+        logits, state = model.step(memory, state)
+        logits = logits.float()
         if options.method == "sample":
             token = _nucleus(logits / options.temperature, options.top_p, generator)
         else:
             token = logits.argmax(-1)
         token = torch.where(done, torch.full_like(token, eos), token)
-        prefix = torch.cat([prefix, token[:, None]], 1)
+        tokens.append(token)
+        state = advance(state, token)
         done |= token == eos
         if bool(done.all()):
             break
-    return [_strip(row.tolist()[1:], eos) for row in prefix]
+    rows = torch.stack(tokens, 1).tolist() if tokens else [[] for _ in range(n)]
+    return [_strip(row, eos) for row in rows]
 
 
 def _nucleus(logits: torch.Tensor, top_p: float, generator) -> torch.Tensor:
@@ -94,34 +111,36 @@ def _nucleus(logits: torch.Tensor, top_p: float, generator) -> torch.Tensor:
 
 def _beam(model, memory: torch.Tensor, bos: int, eos: int, options: DecodeOptions) -> list[int]:
     width, alpha = options.beam_width, options.length_penalty
-    beams = torch.full((1, 1), bos, dtype=torch.long, device=memory.device)
+    state = model.start(memory, bos)
+    beams: list[list[int]] = [[]]
     scores = torch.zeros(1, device=memory.device)
     finished: list[tuple[float, list[int]]] = []
     for _ in range(options.max_length - 1):
-        logp = model.next_logits(memory.expand(len(beams), -1, -1), beams).float()
-        logp = logp.log_softmax(-1)
-        total = (scores[:, None] + logp).flatten()
+        logits, state = model.step(memory.expand(len(beams), -1, -1), state)
+        total = (scores[:, None] + logits.float().log_softmax(-1)).flatten()
         top = total.topk(min(2 * width, len(total)))
-        vocab = logp.shape[-1]
-        keep_beams, keep_scores = [], []
+        vocab = logits.shape[-1]
+        keep_rows, keep_tokens, keep_scores = [], [], []
         for score, flat in zip(top.values.tolist(), top.indices.tolist(), strict=True):
             row, token = divmod(flat, vocab)
-            seq = [*beams[row].tolist(), token]
             if token == eos:
-                words = seq[1:-1]
+                words = beams[row]
                 finished.append((score / length_penalty(len(words) + 1, alpha), words))
             else:
-                keep_beams.append(seq)
+                keep_rows.append(row)
+                keep_tokens.append(token)
                 keep_scores.append(score)
-            if len(keep_beams) == width:
+            if len(keep_rows) == width:
                 break
-        if len(finished) >= width or not keep_beams:
+        if len(finished) >= width or not keep_rows:
             break
-        beams = torch.tensor(keep_beams, device=memory.device)
+        rows = torch.tensor(keep_rows, device=memory.device)
+        state = advance(_rows(state, rows), torch.tensor(keep_tokens, device=memory.device))
+        beams = [[*beams[r], t] for r, t in zip(keep_rows, keep_tokens, strict=True)]
         scores = torch.tensor(keep_scores, device=memory.device)
     if not finished:  # max_length reached: the open beams, ranked the same way
-        finished = [(s / length_penalty(len(b), alpha), b[1:])
-                    for s, b in zip(scores.tolist(), beams.tolist(), strict=True)]  # fmt: skip
+        finished = [(s / length_penalty(len(b), alpha), b)
+                    for s, b in zip(scores.tolist(), beams, strict=True)]  # fmt: skip
     return max(finished, key=lambda f: f[0])[1]
 
 
@@ -129,4 +148,4 @@ def _strip(tokens: list[int], eos: int) -> list[int]:
     return tokens[: tokens.index(eos)] if eos in tokens else tokens
 
 
-__all__ = ["METHODS", "DecodeOptions", "decode", "length_penalty"]
+__all__ = ["METHODS", "DecodeOptions", "advance", "decode", "length_penalty"]

@@ -163,7 +163,12 @@ class Engine:
             from modalforge.export.runtime import OrtModel
 
             dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
-            model = OrtModel(predictor.model, predictor.bundle.path, variants[variant], dev)
+            if predictor.task == "caption":
+                from modalforge.export.caption import OrtCaptioner
+
+                model = OrtCaptioner(predictor.model, predictor.bundle.path, variants[variant], dev)
+            else:
+                model = OrtModel(predictor.model, predictor.bundle.path, variants[variant], dev)
         return cls(predictor, name, device, model=model, variant=variant)
 
     # -- describing ---------------------------------------------------------------------------
@@ -403,7 +408,7 @@ class Engine:
         for key, members in groups.items():
             options = DecodeOptions(**{"max_length": self.predictor.config.max_length, **dict(key)})
             texts = self.predictor.captions_from_memory(torch.stack([memory[i] for i in members]),
-                                                        options)  # fmt: skip
+                                                        options, model=self.model)  # fmt: skip
             for i, text in zip(members, texts, strict=True):
                 out[i] = {"caption": text, "modalities": [column.name],
                           "decoding": {"method": options.method}}  # fmt: skip
