@@ -300,3 +300,15 @@ def test_captioners_export_to_onnx_through_the_gate_and_serve(decoder, fitted, t
             got = c.post("/v1/caption", json=body)
             assert got.status_code == 200, got.text
             assert got.json()["caption"] == ref.post("/v1/caption", json=body).json()["caption"]
+
+
+def test_the_url_allow_list_matches_host_and_resolved_path():
+    from modalforge.serve.generation import allowed
+
+    assert allowed("http://127.0.0.1:80/ok/a.png", "http://127.0.0.1:80/ok/")
+    assert allowed("https://host/img/x.png", "https://host/img")
+    assert not allowed("http://127.0.0.1:80/ok/../secret", "http://127.0.0.1:80/ok/")
+    assert not allowed("http://host.evil/a.png", "http://host")
+    assert not allowed("https://host/imgs/x.png", "https://host/img")
+    assert not allowed("http://host/img/x.png", "https://host/img")
+    assert not allowed("file:///etc/passwd", "file:///")

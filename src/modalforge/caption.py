@@ -27,6 +27,7 @@ import torch
 
 from modalforge.data.manifest import Manifest, is_missing, resolve_path
 from modalforge.data.text import WordVocab
+from modalforge.encoders import create_encoder
 from modalforge.models import EncoderSpec
 from modalforge.models.caption import CaptionConfig, CaptionModel, build_caption
 from modalforge.models.decoding import DecodeOptions, decode
@@ -96,8 +97,7 @@ class CaptionPredictor(MultimodalPredictor):
         captions = [str(v) for v in self.train_manifest.frame[self.caption_column]]  # type: ignore[union-attr]
         self.vocab = WordVocab.build(captions)
         spec = inputs[self.image]
-        probe = build_caption(CaptionConfig(self.image, self.caption_column, spec, len(self.vocab),
-                                             grid=1)).encoder(self.image)  # fmt: skip
+        probe = create_encoder(spec.name, **spec.kwargs)  # its grid size sets the config's
         self.config = CaptionConfig(
             self.image, self.caption_column, spec, len(self.vocab), grid=_grid_size(probe),
             decoder=self.decoder, dim=self.dim, layers=self.layers, heads=self.heads,

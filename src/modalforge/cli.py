@@ -1379,7 +1379,7 @@ def transcribe(
     ] = None,
     save_bundle: Annotated[
         Path | None,
-        typer.Option(help="Write the transcriber as a bundle (to serve it) and stop."),
+        typer.Option(help="Write the transcriber as a bundle (to serve it)."),
     ] = None,
     manifest: Annotated[
         Path | None, typer.Option(help="Score a manifest of audio + reference text (WER).")

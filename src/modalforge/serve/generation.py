@@ -65,13 +65,31 @@ def decoding_options(obj: dict[str, Any], max_length: int, chat: bool = False) -
     return options
 
 
+def allowed(url: str, prefix: str) -> bool:
+    """``url`` is under ``prefix``: the same scheme and host (port included) and, once ``.``
+    and ``..`` segments are resolved, a path under the prefix's -- so ``http://host.evil/`` is
+    not under ``http://host``, nor ``/ok/../secret`` under ``/ok/``."""
+    import posixpath
+    from urllib.parse import urlsplit
+
+    u, p = urlsplit(url), urlsplit(prefix)
+    if (u.scheme, u.netloc.lower()) != (p.scheme, p.netloc.lower()) or u.scheme not in (
+        "http",
+        "https",
+    ):
+        return False
+    path = posixpath.normpath(u.path or "/") + ("/" if u.path.endswith("/") else "")
+    base = p.path or "/"
+    return path.startswith(base if base.endswith("/") else base + "/") or path == base
+
+
 async def image_bytes(url: Any, where: str, allow: tuple[str, ...], max_bytes: int) -> bytes:
     """A ``data:`` URL's bytes, or an allowed URL fetched."""
     if not isinstance(url, str) or not url.strip():
         raise RequestError(f"{where}: expected a URL string", param=where)
     if url.startswith("data:"):
         return decode_base64(url, where)
-    if not any(url.startswith(prefix) for prefix in allow):
+    if not any(allowed(url, prefix) for prefix in allow):
         raise RequestError(f"{where}: URLs are not fetched (this server takes data: URLs"
                            + (f", or URLs under {list(allow)})" if allow else
                               "; start it with --allow-url PREFIX to fetch some)"),
