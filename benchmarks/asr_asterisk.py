@@ -5,8 +5,11 @@
 Audio: Debian's ``asterisk-core-sounds-en-wav`` (``/usr/share/asterisk/sounds/en_US_f_Allison``,
 one speaker, 568 telephone-quality WAVs at 8 kHz), loaded with ``modalforge.data.audio
 .load_audio`` (soxr resampling to 16 kHz, the clip's own length). Each file is transcribed once
-by ``transcribe_packaged`` with its defaults (greedy, no timestamps, ``window="full"``, batches
-of 8, in file order), torch on ``--threads`` threads (default 2).
+by ``Transcriber.packaged()`` -- what ``modalforge transcribe`` and a served speech-to-text bundle
+run: greedy, no timestamps, batches of 8 sorted by length; ``--window full`` (Whisper's stock
+30-s window, the default) or ``trimmed`` (the clip's own frames + 2 s of silence: on these
+one-word prompts the decoder then repeats the word until its token budget, "added added added
+...", corpus WER 6.0 on the name set) -- torch on ``--threads`` threads (default 2).
 
 References. The same Debian source package ships the prompts' transcript,
 ``/usr/share/doc/asterisk-core-sounds-en/core-sounds-en.txt.gz`` (``name: text`` lines); it is the
@@ -64,11 +67,10 @@ import torch
 from modalforge.data.audio import SAMPLE_RATE, AudioConfig, load_audio
 from modalforge.encoders.pretrained.whisper import (
     MAX_SECONDS,
-    load_packaged_whisper_tiny_en,
     normalize_words,
-    transcribe_packaged,
     word_error_rate,
 )
+from modalforge.transcribe import Transcriber
 
 SOUNDS = Path("/usr/share/asterisk/sounds/en_US_f_Allison")
 TRANSCRIPTS = Path("/usr/share/doc/asterisk-core-sounds-en/core-sounds-en.txt.gz")
@@ -336,6 +338,7 @@ def main() -> None:
     parser.add_argument(
         "--latency-files", type=int, default=16, help="files transcribed again one per call"
     )
+    parser.add_argument("--window", choices=("full", "trimmed"), default="full")
     parser.add_argument("--replot", action="store_true", help="redraw the PNG from --out")
     args = parser.parse_args()
     if args.replot:
@@ -362,17 +365,15 @@ def main() -> None:
           f"{len(chosen)} with speech, {len(letters)} letters; transcribing {len(stems)}",
           flush=True)  # fmt: skip
 
-    loaded = load_packaged_whisper_tiny_en()
+    model = Transcriber.packaged(window=args.window)
     t0 = time.perf_counter()
-    with torch.inference_mode():
-        hyps = transcribe_packaged(loaded, [waves[s] for s in stems])
+    hyps = model.transcribe([waves[s] for s in stems])
     transcribe_s = time.perf_counter() - t0
     latency = []
-    with torch.inference_mode():
-        for stem in stems[: args.latency_files]:
-            t1 = time.perf_counter()
-            transcribe_packaged(loaded, [waves[stem]])
-            latency.append(time.perf_counter() - t1)
+    for stem in stems[: args.latency_files]:
+        t1 = time.perf_counter()
+        model.transcribe([waves[stem]])
+        latency.append(time.perf_counter() - t1)
 
     rows, letter_rows = [], []
     for stem, hyp in zip(stems, hyps, strict=True):
@@ -424,9 +425,9 @@ def main() -> None:
         },
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "model": {
-            "weights": loaded.weights_id,
+            "weights": model.weights_id,
             "decoding": "greedy, no timestamps",
-            "transcribe_packaged": "defaults: window='full', batch_size=8",
+            "transcriber": model.options.to_dict(),
         },
         "selection_rule": __doc__.split("Two file sets:", 1)[1].split("Scoring:", 1)[0].strip(),
         "scoring": "raw: word_error_rate (normalize_words); numbers: spell_numbers on both "

@@ -157,3 +157,42 @@ def test_playground_shows_the_servers_error(page, server, tmp_path):
     error = wait_for(page, lambda d: text_of(d, "#error"), "the error box")
     assert message in error
     assert not page.find_element(By.ID, "result").is_displayed()
+
+
+def test_playground_shows_a_captioning_bundles_caption(browser, tmp_path):
+    """A captioning bundle in the same page: the headline is the caption, no contributions."""
+    import pandas as pd
+    from selenium.webdriver.common.by import By
+
+    from modalforge.caption import CaptionPredictor
+    from modalforge.models import EncoderSpec
+    from modalforge.predictor import FitConfig
+    from modalforge.train.module import OptimConfig
+
+    rows = []
+    for i in range(30):
+        c = "rgb"[i % 3]
+        (tmp_path / f"{i}.png").write_bytes(png_bytes((30, 30), COLORS[c]))
+        rows.append({"image": f"{i}.png", "text": {"r": "a red apple", "g": "a green leaf",
+                                                   "b": "the blue sea"}[c]})  # fmt: skip
+    pd.DataFrame(rows).to_csv(tmp_path / "m.csv", index=False)
+    spec = EncoderSpec("cnn", {"widths": (8, 16), "depth": 1, "image_size": 30}, "frozen")
+    p = CaptionPredictor("image", "text", spec, dim=32, layers=1, heads=2, dropout=0.0,
+                         max_length=6, cache_dir=tmp_path / "cache",
+                         fit_config=FitConfig(epochs=20, batch_size=10, patience=20,
+                                              optim=OptimConfig(lr=3e-3, warmup_ratio=0.0)))  # fmt: skip
+    p.fit(tmp_path / "m.csv", out_dir=tmp_path / "run", progress=False)
+    bundle = p.save(tmp_path / "captioner").path
+    with running_server(bundle) as (url, _):
+        image = tmp_path / "1.png"  # green
+        expected = httpx.post(f"{url}/v1/predict", timeout=30,
+                              files={"image": ("g.png", image.read_bytes(), "image/png")})  # fmt: skip
+        assert expected.status_code == 200, expected.text
+        browser.get(url + "/")
+        wait_for(browser, lambda d: text_of(d, "#model-id"), "the model card")
+        browser.find_element(By.ID, "input-image").send_keys(str(image))
+        browser.find_element(By.ID, "predict").click()
+        wait_for(browser, lambda d: "from image" in text_of(d, "#result-meta"), "the caption")
+        assert text_of(browser, "#result-label") == expected.json()["caption"]
+        assert text_of(browser, "#result-confidence") == "caption"
+        assert not browser.find_element(By.ID, "contrib-section").is_displayed()

@@ -22,11 +22,15 @@ What the bundle holds (``save_bundle(task="transcribe")``, JSON + safetensors, n
   silence tail, the batch size, where the weights came from, and the audio preprocessing.
 
 Decoding is the repo's: the encoder runs through ``run_whisper_encoder`` and the decoder through
-``greedy_decode`` (batched, KV-cached, no timestamps). The default window is ``"trimmed"`` with a
-2-s silence tail: on the 8 espeak-ng sentences of ``benchmarks/whisper_window.py`` it had the best
-mean WER (0.101, against 0.125 for the stock 30-s window and 0.55 / 1.97 with a 1-s / no tail),
-and its encoder costs ~12 ms instead of ~180 ms for a 2-s clip. Clips longer than the window are
-cut into pieces (at the quietest 20 ms of the last 5 s before each cut) that are transcribed on
+``greedy_decode`` (batched, KV-cached, no timestamps). The default window is Whisper's stock
+30-s one (``"full"``). The ``"trimmed"`` window (the clip's own frames + a 2-s silence tail) was
+best on 2-4-s espeak-ng sentences (``benchmarks/whisper_window.py``: mean WER 0.101 vs 0.125) but
+on Debian's real one-word Asterisk prompts the decoder, not seeing the clip end, repeats the word
+until the token budget runs out ("added added added ...": corpus WER 6.0 over the 129 files whose
+name is their words, against 0.19 with the full window, ``benchmarks/asr_asterisk.py``); it stays
+an option (``window="trimmed"``) for longer speech, where it is several times faster (the
+encoder takes ~12 ms instead of ~180 ms for a 2-s clip). Clips longer than the window are cut
+into pieces (at the quietest 20 ms of the last 5 s before each cut) that are transcribed on
 their own and joined with spaces.
 """
 
@@ -91,13 +95,14 @@ class DecodingOptions:
 
     prompt: the decoder's first tokens (start of transcript, language, task, no timestamps);
     suppress_tokens / suppress_tokens_begin: ids never produced / not produced first;
-    window: ``"trimmed"`` (the clip's own frames + ``tail_seconds`` of silence) or ``"full"``
-    (the stock 30 s); batch_size: clips per encoder / decoder batch."""
+    window: ``"full"`` (the stock 30 s, the default) or ``"trimmed"`` (the clip's own frames +
+    ``tail_seconds`` of silence: faster, but loops on one-word clips); batch_size: clips per
+    encoder / decoder batch."""
 
     prompt: tuple[int, ...]
     suppress_tokens: tuple[int, ...] = ()
     suppress_tokens_begin: tuple[int, ...] = ()
-    window: Window = "trimmed"
+    window: Window = "full"
     tail_seconds: float = 2.0
     batch_size: int = 8
 
