@@ -312,3 +312,20 @@ def test_the_url_allow_list_matches_host_and_resolved_path():
     assert not allowed("https://host/imgs/x.png", "https://host/img")
     assert not allowed("http://host/img/x.png", "https://host/img")
     assert not allowed("file:///etc/passwd", "file:///")
+
+
+def test_the_train_command_takes_image_and_caption_columns(toy, tmp_path):
+    from typer.testing import CliRunner
+
+    from modalforge.cli import app as cli
+
+    run = tmp_path / "run"
+    out = CliRunner().invoke(cli, ["train", "--manifest", str(toy), "--image", "image",
+                                   "--caption", "text", "--image-encoder", "cnn", "--image-size",
+                                   "30", "--decoder", "gru", "--epochs", "2", "--out", str(run)])  # fmt: skip
+    assert out.exit_code == 0, out.output
+    summary = json.loads((run / "summary.json").read_text())
+    # the encoder trains end to end here (not frozen): the baseline reads its features directly
+    assert set(summary["scores"]) == {"greedy", "beam 3", "nearest neighbour"}
+    assert (run / "bundle" / "caption_vocab.json").is_file()
+    assert "bleu4 nearest neighbour" in out.output

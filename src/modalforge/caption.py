@@ -159,13 +159,7 @@ class CaptionPredictor(MultimodalPredictor):
         cached = self._cached_features(manifest, progress)
         if cached:
             return model.memory(cached[self.image][0])
-        feat = self._featurizer(self.image)
-        values = manifest.frame[self.image].tolist()
-        size = self.fit_config.batch_size
-        chunks = [model.memory(inputs=feat.collate([feat.load(v, manifest.root)
-                                                    for v in values[i : i + size]]))
-                  for i in range(0, len(values), size)]  # fmt: skip
-        return torch.cat(chunks)
+        return torch.cat([model.memory(inputs=b) for b in self._image_batches(manifest)])
 
     def caption(
         self, data, options: DecodeOptions | None = None, root=None, progress: bool = False
@@ -194,14 +188,31 @@ class CaptionPredictor(MultimodalPredictor):
         if self.train_manifest is None:
             raise ValueError("the nearest-neighbour baseline needs the training rows (fit(), or "
                              "set train_manifest)")  # fmt: skip
-        pooled = {}
-        for name, rows in (("train", self.train_manifest), ("query", manifest)):
-            grid = self._cached_features(rows)[self.image][0]
-            v = grid.view(len(rows), self.config.grid, -1).mean(1)  # type: ignore[union-attr]
-            pooled[name] = torch.nn.functional.normalize(v, dim=-1)
+        pooled = {
+            name: torch.nn.functional.normalize(self._pooled(rows), dim=-1)
+            for name, rows in (("train", self.train_manifest), ("query", manifest))
+        }
         nearest = (pooled["query"] @ pooled["train"].T).argmax(1).numpy()
         captions = self.train_manifest.frame[self.caption_column].astype(str).to_numpy()
         return [detokenize(caption_words(c)) for c in captions[nearest]]
+
+    @torch.no_grad()
+    def _pooled(self, manifest: Manifest) -> torch.Tensor:
+        """The image encoder's pooled features of every row (the cached grid's mean when the
+        encoder is frozen)."""
+        cached = self._cached_features(manifest)
+        if cached:
+            return cached[self.image][0].view(len(manifest), self.config.grid, -1).mean(1)  # type: ignore[union-attr]
+        encoder = self._require_model().eval().encoder(self.image)
+        return torch.cat([encoder(batch).pooled for batch in self._image_batches(manifest)])
+
+    def _image_batches(self, manifest: Manifest):
+        """Collated batches of the image column, decoded as in training."""
+        feat = self._featurizer(self.image)
+        values = manifest.frame[self.image].tolist()
+        size = self.fit_config.batch_size
+        for i in range(0, len(values), size):
+            yield feat.collate([feat.load(v, manifest.root) for v in values[i : i + size]])
 
     def evaluate(
         self,

@@ -402,9 +402,12 @@ def train(
     caption: Annotated[
         str | None,
         typer.Option(
-            help="--task caption: the column of captions to learn to write for the image column "
-            "(the first of --columns, default 'image'): its encoder's grid + a decoder."
+            help="--task caption: the column of captions to learn to write for the --image "
+            "column: its encoder's grid + a decoder."
         ),
+    ] = None,
+    image: Annotated[
+        str | None, typer.Option(help="--task caption: the image column (default: image).")
     ] = None,
     decoder: Annotated[
         str | None, typer.Option(help="--task caption: transformer or gru (Show-Attend-Tell).")
@@ -472,6 +475,8 @@ def train(
         flags["task"] = "contrastive"
     if caption and task is None:
         flags["task"] = "caption"
+    if image:
+        flags["columns"] = image
     try:
         encoders = _encoder_flags(image_encoder, text_encoder, audio_encoder, encoder)
         # command "run": without --out or a config's `out`, the folder is runs/run as before
@@ -679,8 +684,11 @@ def _many_options(command: str, out: Path | None, config: Path | None, fusion: s
     if config:
         options = RunOptions.from_yaml(config, **flags)
     else:
-        if not flags.get("manifest") or not (flags.get("label") or flags.get("pairs")):
-            fail("--manifest and --label (or --pairs) are required (or give them in --config)")
+        if not flags.get("manifest") or not (
+            flags.get("label") or flags.get("pairs") or flags.get("caption")
+        ):
+            fail("--manifest and --label (or --pairs, or --caption) are required (or give them "
+                 "in --config)")  # fmt: skip
         options = RunOptions(**{k: v for k, v in flags.items() if v is not None})
     if encoders:
         options.encoders = {**options.encoders, **encoders}
