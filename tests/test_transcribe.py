@@ -24,7 +24,7 @@ from modalforge.encoders.pretrained.whisper import normalize_words, word_error_r
 from modalforge.schema import Schema
 from modalforge.transcribe import DecodingOptions, Transcriber, split_long, word_edits
 
-from .conftest import wav_bytes
+from .conftest import sine, wav_bytes
 
 needs_espeak = pytest.mark.skipif(shutil.which("espeak-ng") is None,
                                   reason="espeak-ng is not installed (apt-get install espeak-ng)")  # fmt: skip
@@ -338,3 +338,51 @@ def test_real_one_word_prompts_are_not_repeated(packaged):
     # Asterisk name set, benchmarks/asr_asterisk.py); the default full window does not
     texts = packaged.transcribe_sources([ASTERISK / "activated.wav", ASTERISK / "added.wav"])
     assert [normalize_words(t) for t in texts] == [["activated"], ["added"]], texts
+
+
+def test_finetuning_teaches_the_decoder_and_ships_as_a_bundle(tmp_path):
+    import pandas as pd
+
+    tr = tiny_transcriber()
+    tr.options = DecodingOptions(prompt=tr.options.prompt, window="full")
+    waves = [(0.5 * sine(300, 0.8)).astype(np.float32), noise(0.5, seed=4)]  # tone vs. noise
+    for i, wave in enumerate(waves):
+        (tmp_path / f"{i}.wav").write_bytes(wav_bytes(wave))
+    pd.DataFrame({"audio": ["0.wav", "1.wav", "gone.wav"], "text": ["w5 w6", "w7", "w8"]}
+                 ).to_csv(tmp_path / "m.csv", index=False)  # fmt: skip
+    assert tr.transcribe(waves, max_new_tokens=4) != ["w5 w6", "w7"]
+    history = tr.finetune(tmp_path / "m.csv", epochs=150, lr=1e-2, progress=False)
+    assert history["rows"] == 2 and history["skipped"] == 1  # the missing file is counted
+    assert history["loss"][-1] < 0.2 * history["loss"][0], history["loss"]
+    assert tr.transcribe(waves, max_new_tokens=4) == ["w5 w6", "w7"]
+    loaded = Transcriber.load(tr.save(tmp_path / "tuned").path)
+    assert loaded.transcribe(waves, max_new_tokens=4) == ["w5 w6", "w7"]
+    assert loaded.weights_id == "random-tiny+finetuned"
+    trimmed = tiny_transcriber()  # trained on the full window only
+    trimmed.options = DecodingOptions(prompt=trimmed.options.prompt, window="trimmed")
+    with pytest.raises(ValueError, match="full window"):
+        trimmed.finetune(tmp_path / "m.csv", progress=False)
+
+
+@pytest.mark.skipif(not ASTERISK.is_dir(), reason="asterisk-core-sounds-en-wav not installed")
+def test_finetuning_on_real_numbers_teaches_them_spelled_out(tmp_path):
+    """tiny.en writes "11." for a spoken eleven; 16 other numbers with their words teach it."""
+    import pandas as pd
+
+    units = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+    teens = ["ten", "eleven", "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen",
+             "eighteen", "nineteen"]  # fmt: skip
+    tens = [f"{t}ty" for t in ("twen", "thir", "for", "fif", "six", "seven", "eigh", "nine")]
+    words = units + teens + tens
+    numbers = [*range(20), *range(20, 100, 10)]
+    for n in numbers:
+        shutil.copy(ASTERISK / "digits" / f"{n}.wav", tmp_path / f"{n}.wav")
+    rows = pd.DataFrame({"audio": [f"{n}.wav" for n in numbers], "text": words, "n": numbers})
+    held_out = rows["n"].isin([1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 40, 80])
+    rows[~held_out].to_csv(tmp_path / "train.csv", index=False)
+    rows[held_out].to_csv(tmp_path / "test.csv", index=False)
+    model = Transcriber.packaged()
+    before = model.evaluate(tmp_path / "test.csv", progress=False)["wer"]
+    model.finetune(tmp_path / "train.csv", progress=False)
+    after = model.evaluate(tmp_path / "test.csv", progress=False)["wer"]
+    assert before > 0.4 and after < 0.2, (before, after)

@@ -1389,6 +1389,15 @@ def transcribe(
         Path | None,
         typer.Option(help="Write the transcriber as a bundle (to serve it)."),
     ] = None,
+    finetune: Annotated[
+        Path | None,
+        typer.Option(
+            help="First teach the decoder this manifest's transcripts (audio + reference text "
+            "columns; then --save-bundle to keep it)."
+        ),
+    ] = None,
+    epochs: Annotated[int, typer.Option(help="--finetune: passes over the rows.")] = 8,
+    lr: Annotated[float, typer.Option(help="--finetune: AdamW learning rate.")] = 3e-5,
     manifest: Annotated[
         Path | None, typer.Option(help="Score a manifest of audio + reference text (WER).")
     ] = None,
@@ -1399,8 +1408,9 @@ def transcribe(
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON lines.")] = False,
 ) -> None:
-    """Speech to text with Whisper: transcribe files, score a manifest (word error rate), or
-    save the transcriber as a bundle for `modalforge serve` (/v1/audio/transcriptions)."""
+    """Speech to text with Whisper: transcribe files, score a manifest (word error rate),
+    fine-tune the decoder on a manifest, or save the transcriber as a bundle for `modalforge
+    serve` (/v1/audio/transcriptions)."""
     from modalforge.bundle import BundleError
     from modalforge.data.errors import DecodeError
     from modalforge.transcribe import Transcriber
@@ -1410,6 +1420,11 @@ def transcribe(
     try:
         with console.status("loading Whisper ..."):
             model = Transcriber.load(bundle) if bundle else Transcriber.packaged()
+        if finetune is not None:
+            history = model.finetune(finetune, audio_column, text_column, epochs=epochs, lr=lr)
+            losses = ", ".join(f"{v:.4f}" for v in history["loss"])
+            console.print(f"fine-tuned on {history['rows']} rows ({history['skipped']} skipped): "
+                          f"loss per epoch {losses}")  # fmt: skip
         if save_bundle is not None:
             saved = model.save(save_bundle)
             console.print(f"bundle: {saved.path}")

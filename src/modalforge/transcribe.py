@@ -382,6 +382,98 @@ class Transcriber:
                                 opts.suppress_tokens, opts.suppress_tokens_begin)  # fmt: skip
         return [self.tokenizer.decode(row, skip_special_tokens=True).strip() for row in ids]
 
+    # -- fine-tuning -------------------------------------------------------------------------
+    def finetune(
+        self,
+        manifest: Any,
+        audio: str = AUDIO_COLUMN,
+        text: str = "text",
+        epochs: int = 8,
+        lr: float = 3e-5,
+        batch_size: int = 8,
+        seed: int = 0,
+        progress: bool = True,
+    ) -> dict[str, Any]:
+        """Teach the decoder a manifest's transcripts (audio + reference ``text``): teacher
+        forcing, cross-entropy on the text tokens and end-of-text after the prompt, AdamW. The
+        encoder stays frozen, so its outputs (the full 30-s window, what decoding then reads)
+        are computed once. Rows whose audio cannot be decoded are skipped and counted. Returns
+        the mean loss per epoch. ``save`` then writes the fine-tuned bundle.
+
+        Measured: the Asterisk recordings of 16 numbers with their spelled-out words (zero,
+        two, ..., ninety), then 12 others (one, three, ..., forty, eighty): tiny.en writes "11."
+        and "40." (WER 0.583 on the 12); after 8 epochs at 3e-5, 0.000. At 20 epochs and 1e-4
+        it overfits its 16 words ("seven" -> "seventy"; WER 0.583 again)."""
+        from modalforge.data.manifest import Manifest, read_manifest
+
+        if self.options.window != "full":
+            raise ValueError("fine-tuning reads the full window; decode with window='full'")
+        m = manifest if isinstance(manifest, Manifest) else read_manifest(manifest)
+        missing = [c for c in (audio, text) if c not in m.columns]
+        if missing:
+            raise ValueError(f"{m.path or 'the manifest'}: no column {missing} (columns: "
+                             f"{m.columns})")  # fmt: skip
+        cfg = AudioConfig(sample_rate=SAMPLE_RATE, clip_seconds=None)
+        model, opts = self.model, self.options
+        encoder = model.model.encoder
+        eot = int(model.config.eos_token_id)
+        hidden, targets, skipped = [], [], 0
+        with torch.no_grad():  # (not inference mode: these tensors feed the training graph)
+            for i in range(len(m)):
+                value, reference = m.frame[audio].iloc[i], m.frame[text].iloc[i]
+                try:
+                    if _missing(value) or _missing(reference):
+                        raise DecodeError("no audio or no reference")
+                    wave = load_audio(m.resolve(value), cfg)
+                except (DecodeError, ValueError):
+                    skipped += 1
+                    continue
+                inputs = whisper_inputs([wave], None, "full", encoder.conv1.in_channels,
+                                        encoder.embed_positions.weight.shape[0], 0)  # fmt: skip
+                mel = inputs.mel.to(encoder.conv1.weight.device, encoder.conv1.weight.dtype)
+                hidden.append(run_whisper_encoder(encoder, mel, None)[0])
+                ids = self.tokenizer.encode(" " + str(reference).strip()).ids
+                targets.append([*opts.prompt, *ids, eot])
+        if not hidden:
+            raise ValueError("no row could be used for fine-tuning")
+        decoder = model.model.decoder
+        params = [p for p in decoder.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+        generator = torch.Generator().manual_seed(seed)
+        prompt, losses = len(opts.prompt), []
+        model.train()
+        try:
+            with _progress(epochs * len(hidden), "fine-tuning", progress) as advance:
+                for _ in range(epochs):
+                    order = torch.randperm(len(hidden), generator=generator).tolist()
+                    total = 0.0
+                    for start in range(0, len(order), batch_size):
+                        rows = order[start : start + batch_size]
+                        width = max(len(targets[r]) for r in rows)
+                        ids = torch.full((len(rows), width), eot, dtype=torch.long)
+                        labels = torch.full((len(rows), width), -100, dtype=torch.long)
+                        for j, r in enumerate(rows):
+                            ids[j, : len(targets[r])] = torch.tensor(targets[r])
+                            labels[j, prompt : len(targets[r])] = torch.tensor(targets[r][prompt:])
+                        device = encoder.conv1.weight.device
+                        memory = torch.stack([hidden[r] for r in rows])
+                        out = decoder(input_ids=ids[:, :-1].to(device),
+                                      encoder_hidden_states=memory)  # fmt: skip
+                        logits = model.proj_out(out.last_hidden_state)
+                        loss = torch.nn.functional.cross_entropy(
+                            logits.reshape(-1, logits.shape[-1]),
+                            labels[:, 1:].reshape(-1).to(device), ignore_index=-100)  # fmt: skip
+                        optimizer.zero_grad()
+                        loss.backward()
+                        optimizer.step()
+                        total += float(loss.detach()) * len(rows)
+                        advance(len(rows))
+                    losses.append(total / len(hidden))
+        finally:
+            model.eval()
+        self.weights_id = f"{self.weights_id or 'whisper'}+finetuned"
+        return {"rows": len(hidden), "skipped": skipped, "epochs": epochs, "loss": losses}
+
     # -- evaluation --------------------------------------------------------------------------
     def evaluate(
         self,
