@@ -64,12 +64,11 @@ from modalforge.encoders.pretrained.whisper import (
     WhisperConversionError,
     Window,
     build_whisper,
-    greedy_decode,
+    decode_batch,
+    encode_clips,
     load_packaged_whisper_tiny_en,
     normalize_words,
-    run_whisper_encoder,
     suppressed_tokens,
-    whisper_inputs,
     whisper_prompt,
     word_error_rate,
 )
@@ -362,25 +361,11 @@ class Transcriber:
 
     def _decode(self, waves: list[np.ndarray], max_new_tokens: int | None) -> list[str]:
         """One batch: log-mel -> encoder -> greedy decoder, as ``whisper.transcribe`` does."""
-        opts, model = self.options, self.model
-        encoder = model.model.encoder
-        param = encoder.conv1.weight
+        opts = self.options
         tail = round(opts.tail_seconds * SAMPLE_RATE / SAMPLES_PER_FRAME)
-        inputs = whisper_inputs(waves, None, opts.window, encoder.conv1.in_channels,
-                                encoder.embed_positions.weight.shape[0], tail)  # fmt: skip
-        longest = max(len(w) for w in waves) / SAMPLE_RATE
-        budget = int(10 + 8 * longest)
-        if max_new_tokens is not None:
-            budget = max_new_tokens
-        with torch.inference_mode():
-            hidden = run_whisper_encoder(encoder, inputs.mel.to(param.device, param.dtype),
-                                         inputs.attend)  # fmt: skip
-            mask = None
-            if inputs.attend is not None:
-                mask = torch.arange(hidden.shape[1])[None, :] < inputs.attend[:, None]
-            ids = greedy_decode(model, hidden, mask, list(opts.prompt), budget,
-                                opts.suppress_tokens, opts.suppress_tokens_begin)  # fmt: skip
-        return [self.tokenizer.decode(row, skip_special_tokens=True).strip() for row in ids]
+        return decode_batch(self.model, self.tokenizer, waves, opts.window, tail, opts.prompt,
+                            max_new_tokens, opts.suppress_tokens,
+                            opts.suppress_tokens_begin)  # fmt: skip
 
     # -- fine-tuning -------------------------------------------------------------------------
     def finetune(
@@ -428,10 +413,7 @@ class Transcriber:
                 except (DecodeError, ValueError):
                     skipped += 1
                     continue
-                inputs = whisper_inputs([wave], None, "full", encoder.conv1.in_channels,
-                                        encoder.embed_positions.weight.shape[0], 0)  # fmt: skip
-                mel = inputs.mel.to(encoder.conv1.weight.device, encoder.conv1.weight.dtype)
-                hidden.append(run_whisper_encoder(encoder, mel, None)[0])
+                hidden.append(encode_clips(encoder, [wave], "full", 0)[0][0])
                 ids = self.tokenizer.encode(" " + str(reference).strip()).ids
                 targets.append([*opts.prompt, *ids, eot])
         if not hidden:

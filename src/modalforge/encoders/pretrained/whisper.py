@@ -664,24 +664,40 @@ def transcribe(model: nn.Module, tokenizer, waves, wave_lengths=None, window: Wi
     items = as_wave_list(waves, wave_lengths)
     suppress, suppress_begin = suppressed_tokens(model_dir)
     prompt = whisper_prompt(model.config, tokenizer)
-    encoder = model.model.encoder
-    param = encoder.conv1.weight
     tail = round(tail_seconds * SAMPLE_RATE / SAMPLES_PER_FRAME)
     texts: list[str] = []
     for start in range(0, len(items), batch_size):
         chunk = items[start : start + batch_size]
-        inputs = whisper_inputs(chunk, None, window, encoder.conv1.in_channels,
-                                encoder.embed_positions.weight.shape[0], tail)  # fmt: skip
-        with torch.inference_mode():
-            hidden = run_whisper_encoder(encoder, inputs.mel.to(param.device, param.dtype),
-                                         inputs.attend)  # fmt: skip
-        mask = None
-        if inputs.attend is not None:
-            mask = torch.arange(hidden.shape[1])[None, :] < inputs.attend[:, None]
-        budget = max_new_tokens or int(10 + 8 * max(len(w) for w in chunk) / SAMPLE_RATE)
-        ids = greedy_decode(model, hidden, mask, prompt, budget, suppress, suppress_begin)
-        texts.extend(tokenizer.decode(row, skip_special_tokens=True).strip() for row in ids)
+        texts += decode_batch(model, tokenizer, chunk, window, tail, prompt, max_new_tokens,
+                              suppress, suppress_begin)  # fmt: skip
     return texts
+
+
+def encode_clips(encoder: nn.Module, waves: list[np.ndarray], window: Window, tail_frames: int
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
+    """16-kHz clips -> encoder frames (B, T, D) and which of them each clip may attend to
+    (None: all, the full window)."""
+    param = encoder.conv1.weight
+    inputs = whisper_inputs(waves, None, window, encoder.conv1.in_channels,
+                            encoder.embed_positions.weight.shape[0], tail_frames)  # fmt: skip
+    hidden = run_whisper_encoder(encoder, inputs.mel.to(param.device, param.dtype), inputs.attend)
+    mask = None
+    if inputs.attend is not None:
+        mask = torch.arange(hidden.shape[1])[None, :] < inputs.attend[:, None]
+    return hidden, mask
+
+
+def decode_batch(model: nn.Module, tokenizer, waves: list[np.ndarray], window: Window,
+                 tail_frames: int, prompt: Sequence[int], max_new_tokens: int | None = None,
+                 suppress: Sequence[int] = (), suppress_begin: Sequence[int] = (),
+                 ) -> list[str]:  # fmt: skip
+    """One batch of clips -> greedy transcripts; ``max_new_tokens`` defaults to 10 + 8 per
+    second of the longest clip."""
+    budget = max_new_tokens or int(10 + 8 * max(len(w) for w in waves) / SAMPLE_RATE)
+    with torch.inference_mode():
+        hidden, mask = encode_clips(model.model.encoder, waves, window, tail_frames)
+        ids = greedy_decode(model, hidden, mask, list(prompt), budget, suppress, suppress_begin)
+    return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in ids]
 
 
 def transcribe_packaged(loaded: LoadedWhisper, waves, **kwargs) -> list[str]:
