@@ -1,11 +1,15 @@
-"""What the benchmarks read about the machine: CPU time (whole machine, from /proc/stat), how
-busy the CPUs are, and the processor's name. Imported by the scripts beside it."""
+"""What the benchmarks share: what they read about the machine (CPU time of the whole machine
+from /proc/stat, how busy the CPUs are, the processor's name) and how they write their results.
+Imported by the scripts beside it."""
 
 from __future__ import annotations
 
+import json
 import platform
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 
 def machine_jiffies() -> tuple[int, int] | None:
@@ -36,3 +40,20 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def write_results(
+    out: Path,
+    payload: dict[str, Any],
+    plot: Callable[[dict[str, Any], Path], None] | None = None,
+    ensure_ascii: bool = True,
+) -> Path | None:
+    """``payload`` as indented JSON at ``out`` (folders made), then ``plot(payload, png)`` beside
+    it with the same stem -> that PNG's path (None without ``plot``)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(payload, indent=2, ensure_ascii=ensure_ascii) + "\n")
+    if plot is None:
+        return None
+    png = out.with_suffix(".png")
+    plot(payload, png)
+    return png

@@ -64,6 +64,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from _machine import write_results
 from modalforge.data.audio import SAMPLE_RATE, AudioConfig, load_audio
 from modalforge.encoders.pretrained.whisper import (
     MAX_SECONDS,
@@ -462,10 +463,8 @@ def main() -> None:
         "excluded_or_not_name": {f"{k}.wav": v for k, v in rejected.items()},
         "total_seconds": round(time.perf_counter() - start, 1),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n")
-    plot(payload, args.out.with_suffix(".png"))
-    print(f"wrote {args.out} and {args.out.with_suffix('.png')} in {payload['total_seconds']} s")
+    png = write_results(args.out, payload, plot, ensure_ascii=False)
+    print(f"wrote {args.out} and {png} in {payload['total_seconds']} s")
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from _machine import busy_fraction, cpu_name, machine_jiffies
+from _machine import busy_fraction, cpu_name, machine_jiffies, write_results
 from modalforge.encoders import create_encoder
 from modalforge.encoders.onnx_runtime import OnnxEncoder
 from modalforge.encoders.pretrained.whisper import SENTENCES as WHISPER_SENTENCES
@@ -479,10 +479,8 @@ def main() -> None:
         "results": results,
         "total_seconds": round(time.perf_counter() - start, 1),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(payload, indent=2) + "\n")
-    plot(payload, args.out.with_suffix(".png"))
-    print(f"wrote {args.out} and {args.out.with_suffix('.png')} in {payload['total_seconds']} s")
+    png = write_results(args.out, payload, plot)
+    print(f"wrote {args.out} and {png} in {payload['total_seconds']} s")
 
 
 if __name__ == "__main__":

@@ -55,7 +55,7 @@ import faiss
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from _machine import busy_fraction, cpu_name
+from _machine import busy_fraction, cpu_name, write_results
 from modalforge.index import EmbeddingIndex
 
 K = 10
@@ -544,10 +544,8 @@ def main() -> None:
         "hnsw_at_current_threshold": at_threshold,
         "total_seconds": round(time.perf_counter() - start, 1),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(payload, indent=2) + "\n")
-    plot(payload, args.out.with_suffix(".png"))
-    print(f"wrote {args.out} and {args.out.with_suffix('.png')} in {payload['total_seconds']} s")
+    png = write_results(args.out, payload, plot)
+    print(f"wrote {args.out} and {png} in {payload['total_seconds']} s")
 
 
 if __name__ == "__main__":

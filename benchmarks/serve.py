@@ -56,7 +56,7 @@ from pathlib import Path
 # at module level: FastAPI resolves the naive routes' (string) annotations in these globals
 from starlette.requests import Request
 
-from _machine import busy_fraction, cpu_name, machine_jiffies
+from _machine import busy_fraction, cpu_name, machine_jiffies, write_results
 
 LOOPBACK = "127.0.0.1"
 OPENMP_NOTE = (
@@ -902,9 +902,7 @@ def main_benchmark(args: argparse.Namespace) -> None:
     }
     payload["comparison"] = compare(payload, ref)
     payload["total_seconds"] = round(time.perf_counter() - start, 1)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(payload, indent=2) + "\n")
-    plot(payload, args.out.with_suffix(".png"))
+    write_results(args.out, payload, plot)
     text = table(payload)
     args.out.with_suffix(".md").write_text(
         f"# Serving benchmark ({os.cpu_count()} CPUs, {payload['total_seconds']} s)\n\n{text}\n"

@@ -30,6 +30,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from _machine import write_results
 from modalforge.data.audio import AudioConfig, load_audio
 from modalforge.encoders import create_encoder
 from modalforge.encoders.pretrained.whisper import (
@@ -314,10 +315,7 @@ def main() -> None:
                 folder, args.runtime, args.batch_size, args.full_batch_size, args.limit
             )
     payload["total_seconds"] = round(time.perf_counter() - start, 1)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(payload, indent=2) + "\n")
-    if "downstream" in payload:
-        plot(payload, args.out.with_suffix(".png"))
+    write_results(args.out, payload, plot if "downstream" in payload else None)
     print(f"wrote {args.out} in {payload['total_seconds']} s")
 
 
