@@ -37,6 +37,11 @@ WORDS = {"r": "red apple", "g": "green leaf", "b": "blue sea"}
 PITCH = {"r": 300, "g": 600, "b": 900}
 
 
+def shade(colour: str, i: int) -> tuple[int, ...]:
+    """Row ``i``'s version of ``COLORS[colour]``: each channel moved by -15..+15 in steps of 5."""
+    return tuple(min(255, max(0, v + (i % 7) * 5 - 15)) for v in COLORS[colour])
+
+
 def write_toy_manifest(root: Path, inputs=("image", "text", "audio"), rows: int = 60) -> Path:
     """``rows`` rows of the toy task under ``root`` (img/, aud/, manifest.csv) -> the manifest."""
     (root / "img").mkdir(exist_ok=True)

@@ -15,7 +15,7 @@ from modalforge.models.decoding import DecodeOptions, decode, length_penalty
 from modalforge.predictor import FitConfig
 from modalforge.train.module import OptimConfig
 
-from .conftest import COLORS, png_bytes
+from .conftest import COLORS, png_bytes, shade
 
 CAPTIONS = {"r": "a bright red apple", "g": "a small green leaf", "b": "the deep blue sea"}
 TINY_FROZEN = EncoderSpec("cnn", {"widths": (8, 16), "depth": 1, "image_size": 30}, "frozen")
@@ -83,8 +83,7 @@ def toy(tmp_path_factory):
     rows = []
     for i in range(60):
         c = "rgb"[i % 3]
-        shade = tuple(min(255, max(0, v + (i % 7) * 5 - 15)) for v in COLORS[c])
-        (root / "img" / f"{i}.png").write_bytes(png_bytes((30, 30), shade))
+        (root / "img" / f"{i}.png").write_bytes(png_bytes((30, 30), shade(c, i)))
         rows.append({"image": f"img/{i}.png", "text": CAPTIONS[c]})
     pd.DataFrame(rows).to_csv(root / "manifest.csv", index=False)
     return root / "manifest.csv"

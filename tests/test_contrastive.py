@@ -21,7 +21,7 @@ from modalforge.predictor import FitConfig, MultimodalPredictor
 from modalforge.schema import Schema
 from modalforge.train.module import ContrastiveModule, OptimConfig
 
-from .conftest import COLORS, PITCH, WORDS, png_bytes, sine, wav_bytes
+from .conftest import COLORS, PITCH, WORDS, png_bytes, shade, sine, wav_bytes
 
 TINY = {
     "image": EncoderSpec("cnn", {"widths": (8, 16), "image_size": 30}),
@@ -91,8 +91,7 @@ def toy(tmp_path_factory):
     rows = []
     for i in range(60):
         c = "rgb"[i % 3]
-        shade = tuple(min(255, max(0, v + (i % 7) * 5 - 15)) for v in COLORS[c])
-        (root / "img" / f"{i}.png").write_bytes(png_bytes((30, 30), shade))
+        (root / "img" / f"{i}.png").write_bytes(png_bytes((30, 30), shade(c, i)))
         (root / "aud" / f"{i}.wav").write_bytes(wav_bytes(sine(PITCH[c] + i % 5, 0.25)))
         rows.append({"image": f"img/{i}.png", "text": WORDS[c], "audio": f"aud/{i}.wav",
                      "colour": WORDS[c]})  # fmt: skip
