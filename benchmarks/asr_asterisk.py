@@ -71,7 +71,7 @@ from modalforge.encoders.pretrained.whisper import (
     normalize_words,
     word_error_rate,
 )
-from modalforge.transcribe import Transcriber
+from modalforge.tasks.transcription import Transcriber
 
 SOUNDS = Path("/usr/share/asterisk/sounds/en_US_f_Allison")
 TRANSCRIPTS = Path("/usr/share/doc/asterisk-core-sounds-en/core-sounds-en.txt.gz")

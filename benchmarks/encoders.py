@@ -38,8 +38,8 @@ import torch
 
 from _machine import busy_fraction, cpu_name, machine_jiffies, write_results
 from modalforge.encoders import create_encoder
-from modalforge.encoders.onnx_runtime import OnnxEncoder
 from modalforge.encoders.pretrained.whisper import SENTENCES as WHISPER_SENTENCES
+from modalforge.runtime.onnx_encoder import OnnxEncoder
 
 # Whisper's test sentences plus two longer ones, for text and speech inputs alike
 SENTENCES = (

@@ -366,8 +366,8 @@ def naive_app(bundle: str, variant: str):
     from fastapi import Depends, FastAPI
     from fastapi.responses import JSONResponse
 
+    from modalforge.errors import RequestError
     from modalforge.serve import Engine
-    from modalforge.serve.engine import RequestError
     from modalforge.serve.requests import multipart_fields
 
     cores = os.cpu_count() or 1

@@ -130,7 +130,7 @@ def extract(
     options: dict, waves: list[np.ndarray], runtime: str, batch_size: int, cache: Path
 ) -> tuple[np.ndarray, dict]:
     """Pooled features of every clip, and how long they took (export excluded)."""
-    from modalforge.encoders.onnx_runtime import OnnxEncoder
+    from modalforge.runtime.onnx_encoder import OnnxEncoder
 
     encoder = create_encoder("whisper_tiny_en", **options).freeze()
     run = encoder

@@ -107,7 +107,7 @@ def test_over_pruning_fails_the_gate_and_adds_nothing(bundle, rows):
 
 def test_distillation_loss_is_hinton_kd_plus_hard_labels():
     optim = OptimConfig(distill_alpha=0.7, distill_temperature=3.0)
-    module = MultimodalModule(torch.nn.Linear(1, 1), "classification", optim)  # loss only
+    module = MultimodalModule(torch.nn.Linear(1, 1), True, optim)  # loss only
     student, teacher = torch.randn(5, 4), torch.randn(5, 4)
     y = torch.tensor([0, 1, 2, 3, 0])
     p_t = (teacher / 3).softmax(-1)

@@ -230,6 +230,6 @@ def test_text_padding_is_decided_on_the_pytorch_encoder_for_a_variant():
             pooled=self.encoder(batch).pooled + 1e-3 * batch["input_ids"].shape[1])})  # fmt: skip
     feat = Featurizer(Modality.TEXT, torch_encoder.preprocessing)
     assert feat.text_cfg.padding == "max_length"
-    engine = SimpleNamespace(_to_device=lambda batch: batch)  # all _tune_padding needs
+    engine = SimpleNamespace(to_device=lambda batch: batch)  # all _tune_padding needs
     result = Engine._tune_padding(engine, feat, variant)
     assert result["padding"] == "longest" and feat.text_cfg.padding == "longest"

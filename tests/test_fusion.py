@@ -32,8 +32,8 @@ WITH_WEIGHTS = {"attention", "cross_attention", "late"}
 REGISTERED = [pytest.param(info.name, info.tiny, id=info.name) for info in list_fusions()]
 CASES = [
     *REGISTERED,
-    pytest.param("late", {"hidden": 32, "weighting": "learned"}, id="late-learned"),
-    pytest.param("attention", {"hidden": OUT, "project_output": False}, id="attention-noproj"),
+    pytest.param("late", {"width": 32, "weighting": "learned"}, id="late-learned"),
+    pytest.param("attention", {"width": OUT, "project_output": False}, id="attention-noproj"),
 ]
 # the dynamo exporter takes a second or two a model: the registered configs only
 EXPORT_CASES = [
@@ -79,9 +79,9 @@ def test_bad_arguments() -> None:
     with pytest.raises(ValueError, match="weighting"):
         create_fusion("late", DIMS, OUT, weighting="max")
     with pytest.raises(ValueError, match="divisible"):
-        create_fusion("cross_attention", DIMS, OUT, hidden=30, heads=4)
+        create_fusion("cross_attention", DIMS, OUT, width=30, heads=4)
     with pytest.raises(ValueError, match="project_output"):
-        create_fusion("attention", DIMS, OUT, hidden=8, project_output=False)
+        create_fusion("attention", DIMS, OUT, width=8, project_output=False)
 
 
 @pytest.mark.parametrize(("name", "overrides"), CASES)

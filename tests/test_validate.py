@@ -71,6 +71,23 @@ def test_report_names_every_bad_row(bad_manifest):
     lines = report.lines()
     assert any(line.startswith("row 8 (line 10), column image: outside_root") for line in lines)
     assert "7 bad" in report.summary()
+    # an undecodable file is named, not only its row and line
+    assert any(line.startswith("row 3 (line 5), column image: undecodable: 3.png: ")
+               for line in lines), lines  # fmt: skip
+
+
+def test_an_optional_column_may_be_absent_from_the_manifest(bad_manifest):
+    """A column the schema marks optional and the manifest lacks is missing in every row; a
+    required one is still refused, by name."""
+    m = read_manifest(bad_manifest)
+    m = type(m)(m.frame.drop(columns=["audio"]), m.root, m.path)
+    optional = Schema(tuple(Column(c.name, c.modality, required=c.name != "audio",
+                                   classes=c.classes) for c in SCHEMA))  # fmt: skip
+    report = validate_manifest(m, optional)
+    assert report.present["audio"] == 0
+    assert not any(p.column == "audio" for p in report.problems)
+    with pytest.raises(ValueError, match=r"schema columns not in the manifest: \['audio'\]"):
+        validate_manifest(m, SCHEMA)
 
 
 def test_skip_keeps_the_good_rows_and_fail_raises_with_the_report(bad_manifest):

@@ -102,7 +102,7 @@ class Bundle:
     @property
     def task(self) -> str:
         """``"classification" | "regression" | "contrastive" | "caption" | "transcribe" | ...``
-        (any non-empty string is accepted; only classification requires ``labels``)."""
+        (any non-empty string is accepted)."""
         return str(self.meta["task"])
 
     @property
@@ -297,8 +297,9 @@ def save_bundle(
     label_list = [str(x) for x in (labels or [])]
     if len(set(label_list)) != len(label_list):
         raise BundleError(f"{path}: labels have duplicates: {label_list}")
-    if task == "classification" and not label_list:
-        raise BundleError(f"{path}: a classification bundle needs its labels (class names)")
+    if labels is not None and not label_list:  # [] is a mistake; no classes is None
+        raise BundleError(f"{path}: labels is empty: a model with classes needs its labels "
+                          "(class names); a model without them passes None")  # fmt: skip
     asset_values = dict(assets or {})
     for name in asset_values:
         _check_relpath(name, f"{path}: asset")

@@ -81,7 +81,8 @@ def _many_options(command: str, out: Path | None, config: Path | None, fusion: s
                   encoders: dict[str, str], image_size: int | None, **flags):  # fmt: skip
     """RunOptions from the flags (and --config) as `train` reads them, and the output folder:
     --out, else the config's `out`, else runs/COMMAND."""
-    from modalforge.train.run import RunOptions
+    from modalforge.experiments.run import RunOptions
+    from modalforge.tasks import list_tasks
 
     flags = {**flags, "fusion": fusion}
     if flags.get("columns"):
@@ -91,9 +92,8 @@ def _many_options(command: str, out: Path | None, config: Path | None, fusion: s
     if config:
         options = RunOptions.from_yaml(config, **flags)
     else:
-        if not flags.get("manifest") or not (
-            flags.get("label") or flags.get("pairs") or flags.get("caption")
-        ):
+        implied = [f for spec in list_tasks() for f in spec.implied_by]  # pairs, caption
+        if not flags.get("manifest") or not any(flags.get(f) for f in ("label", *implied)):
             fail("--manifest and --label (or --pairs, or --caption) are required (or give them "
                  "in --config)")  # fmt: skip
         options = RunOptions(**{k: v for k, v in flags.items() if v is not None})

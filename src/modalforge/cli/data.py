@@ -107,7 +107,7 @@ def data_vqa(
     import os
 
     from modalforge.data.manifest import ManifestError, read_manifest
-    from modalforge.vqa import vqa_manifest
+    from modalforge.tasks.vqa import vqa_manifest
 
     try:
         source = read_manifest(manifest)

@@ -166,7 +166,7 @@ def sweep(
     and trainable), training and encoding time, latency per sample and epochs, best first.
     Frozen encoders read the feature cache, so their features are encoded once for the sweep.
     """
-    from modalforge.train.sweep import sweep as run_sweep
+    from modalforge.experiments.sweep import sweep as run_sweep
 
     options, folder = run_options("sweep", out, None, flags)
     chosen = [f.strip() for f in fusions.split(",") if f.strip()] if fusions else None
@@ -232,7 +232,7 @@ def cv(
     OUT/fold-k (report, no bundle). Accuracy, macro F1, macro AUROC and ECE (regression: RMSE,
     MAE, R2) are reported per fold and as mean ± sample standard deviation (ddof=1).
     """
-    from modalforge.train.crossval import METRIC_TITLES, cross_validate, mean_pm_std
+    from modalforge.experiments.crossval import METRIC_TITLES, cross_validate, mean_pm_std
 
     options, folder = run_options("cv", out, fusion, flags)
     try:
@@ -285,7 +285,7 @@ def ensemble(
     OUT/ensemble.json lists the bundles with the metrics of the ensemble and of each member.
     Load it in Python with modalforge.train.ensemble.EnsemblePredictor.load(OUT).
     """
-    from modalforge.train.ensemble import train_ensemble
+    from modalforge.experiments.ensemble import train_ensemble
 
     if by not in ("seed", "fold"):
         fail("--by must be seed or fold")

@@ -25,19 +25,20 @@ def caption(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON lines.")] = False,
 ) -> None:
     """Write a caption for each image with a captioning bundle."""
-    from modalforge.bundle import BundleError
-    from modalforge.caption import CaptionPredictor
+    from modalforge.bundle import BundleError, load_bundle
     from modalforge.data.errors import DecodeError
     from modalforge.models.decoding import DecodeOptions
-    from modalforge.predictor import MultimodalPredictor
+    from modalforge.tasks import for_bundle, load
+    from modalforge.tasks.registry import CAPTION
 
     missing = [str(i) for i in images if not i.is_file()]
     if missing:
         fail(f"no such file: {', '.join(missing)}")
     try:
-        predictor = MultimodalPredictor.load(bundle)
-        if not isinstance(predictor, CaptionPredictor):
-            fail(f"{bundle} is a {predictor.task} bundle, not a captioning one")
+        found = load_bundle(bundle, verify=False)
+        if not for_bundle(found).can(CAPTION):
+            fail(f"{bundle} is a {found.task} bundle, not a captioning one")
+        predictor = load(bundle)
         options = DecodeOptions(method, beam_width, length_penalty, temperature, top_p,
                                 predictor.config.max_length, seed)  # fmt: skip
         texts = predictor.caption([str(i.resolve()) for i in images], options, root="/")
@@ -86,7 +87,7 @@ def transcribe(
     serve` (/v1/audio/transcriptions)."""
     from modalforge.bundle import BundleError
     from modalforge.data.errors import DecodeError
-    from modalforge.transcribe import Transcriber
+    from modalforge.tasks.transcription import Transcriber
 
     if not (audio or save_bundle or manifest):
         fail("give audio files, --manifest or --save-bundle")

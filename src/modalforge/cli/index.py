@@ -19,18 +19,18 @@ index_app = typer.Typer(
 
 
 def _contrastive(bundle: Path):
-    from modalforge.bundle import BundleError
-    from modalforge.contrastive import ContrastivePredictor
-    from modalforge.predictor import MultimodalPredictor
+    from modalforge.bundle import BundleError, load_bundle
+    from modalforge.tasks import for_bundle, load
+    from modalforge.tasks.registry import EMBED
 
     try:
-        predictor = MultimodalPredictor.load(bundle)
+        found = load_bundle(bundle, verify=False)
+        if not for_bundle(found).can(EMBED):
+            fail(f"{bundle} is a {found.task} bundle; indexes need a contrastive one "
+                 "(train --task contrastive)")  # fmt: skip
+        return load(bundle)
     except (BundleError, FileNotFoundError) as err:
         fail(str(err))
-    if not isinstance(predictor, ContrastivePredictor):
-        fail(f"{bundle} is a {predictor.task} bundle; indexes need a contrastive one "
-             "(train --task contrastive)")  # fmt: skip
-    return predictor
 
 
 @index_app.command("build")

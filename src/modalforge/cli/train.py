@@ -11,6 +11,17 @@ import typer
 from modalforge.cli._common import _encoder_flags, _many_options, _pairs, console, fail
 
 
+def _task_help() -> str:
+    """``--task``'s help, from the task registry: the trainable tasks and what flags imply."""
+    from modalforge.tasks import list_tasks, trainable
+
+    implied = [f"{spec.name} with --{flag}" for spec in list_tasks() for flag in spec.implied_by]
+    return (
+        f"One of {', '.join(trainable())} (default: {', '.join(implied)}, else "
+        "classification or regression, guessed from the label)."
+    )
+
+
 def train(
     manifest: Annotated[
         Path | None, typer.Option(help="Training manifest (CSV, JSONL, Parquet).")
@@ -40,10 +51,7 @@ def train(
     columns: Annotated[
         str | None, typer.Option(help="Comma-separated input columns (default: all).")
     ] = None,
-    task: Annotated[
-        str | None,
-        typer.Option(help="classification, regression (default: guessed), contrastive or caption."),
-    ] = None,
+    task: Annotated[str | None, typer.Option(help=_task_help())] = None,
     pairs: Annotated[
         str | None,
         typer.Option(
@@ -112,7 +120,7 @@ def train(
     Frozen pretrained encoders read features from an on-disk cache, so a second run (or a
     sweep) does not encode again. The resolved options are saved as RUN/run.yaml.
     """
-    from modalforge.train.run import train_run
+    from modalforge.experiments.run import train_run
 
     flags = {
         "manifest": manifest, "label": label, "finetune": finetune, "task": task,
@@ -124,10 +132,6 @@ def train(
         "pairs": pairs.split(",") if pairs else None, "caption": caption, "decoder": decoder,
         "evaluate_by": evaluate_by,
     }  # fmt: skip
-    if pairs and task is None:
-        flags["task"] = "contrastive"
-    if caption and task is None:
-        flags["task"] = "caption"
     if image:
         flags["columns"] = image
     try:
@@ -173,10 +177,10 @@ def evaluate(
 ) -> None:
     """Evaluate a bundle on a manifest: metrics, modality ablation, report.md/.html with plots."""
     from modalforge.bundle import BundleError
-    from modalforge.predictor import MultimodalPredictor
+    from modalforge.tasks.base import TaskPredictor
 
     try:
-        predictor = MultimodalPredictor.load(bundle)
+        predictor = TaskPredictor.load(bundle)
         result = predictor.evaluate(manifest, split=split, out_dir=out,
                                     **({"by": by} if by else {}))  # fmt: skip
     except (BundleError, ValueError, FileNotFoundError) as err:
@@ -208,10 +212,10 @@ def predict(
     import pandas as pd
 
     from modalforge.bundle import BundleError
-    from modalforge.predictor import MultimodalPredictor
+    from modalforge.tasks.base import TaskPredictor
 
     try:
-        predictor = MultimodalPredictor.load(bundle)
+        predictor = TaskPredictor.load(bundle)
         if manifest is not None:
             table = predictor.predict(manifest)
         else:

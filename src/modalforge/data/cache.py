@@ -34,7 +34,7 @@ class CacheStats:
 
 
 def namespace(encoder: Encoder, preprocessing: dict[str, Any] | None = None) -> str:
-    from modalforge.encoders.onnx_runtime import weights_fingerprint
+    from modalforge.encoders.base import weights_fingerprint
 
     # hashing ~100 MB of weights takes a while: a frozen encoder's fingerprint is kept
     fingerprint = getattr(encoder, "_fingerprint", None) if encoder.frozen else None

@@ -179,6 +179,8 @@ def check_value(
             Modality.TEXT: "bad_text",
             Modality.TABULAR: "bad_number",
         }.get(modality, "undecodable")
+        if modality.is_file:  # name the file: the row alone does not say which one is broken
+            return kind, f"{value}: {err}"
         return kind, str(err)
     return None
 
@@ -189,19 +191,20 @@ def validate_manifest(
     limits: Limits = Limits(),
     progress: bool = False,
 ) -> ValidationReport:
-    """Check every schema column of every row. Missing values in optional columns are fine."""
-    absent = [c.name for c in schema if c.name not in manifest.columns]
+    """Check every schema column of every row. Missing values in optional columns are fine, and
+    so is an optional column the manifest lacks altogether (missing in every row)."""
+    absent = [c.name for c in schema if c.name not in manifest.columns and c.required]
     if absent:
         raise ValueError(
             f"schema columns not in the manifest: {absent} (it has {manifest.columns})"
         )
     report = ValidationReport(n_rows=len(manifest), where=manifest.describe_row)
     report.present = {c.name: 0 for c in schema}
-    records = manifest.frame[schema.names].to_dict("records")
+    records = manifest.frame[[n for n in schema.names if n in manifest.columns]].to_dict("records")
     rows = _progress(records, "validating", progress)
     for i, record in enumerate(rows):
         for column in schema:
-            value = record[column.name]
+            value = record.get(column.name)
             if is_missing(value):
                 if column.required:
                     kind = "empty_text" if column.modality is Modality.TEXT else "missing_value"

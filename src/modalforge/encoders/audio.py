@@ -64,6 +64,8 @@ class WhisperAudioEncoder(Encoder):
     with numpy (not traceable), ``forward_features`` is the traceable network (what
     ``OnnxEncoder`` exports), ``finish`` cuts the sequence to the batch's longest clip."""
 
+    traceable_core = True
+
     modality = Modality.AUDIO
 
     def __init__(self, encoder: nn.Module, window: Window = "trimmed", tail_seconds: float = 0.0,
@@ -312,6 +314,8 @@ class AudioCNN(Encoder):
     per frame (LayerNorm over channels), so padding and batch-mates do not change a clip's output
     (up to float rounding). Frame rate after the blocks: 100 / 2^(len(channels) - 1) per second.
     """
+
+    traceable_core = True
 
     modality = Modality.AUDIO
 

@@ -76,6 +76,33 @@ class Encoder(nn.Module):
     def frozen(self) -> bool:
         return self._frozen
 
+    #: whether ``forward`` splits into an untraced ``prepare`` and a traceable
+    #: ``forward_features`` (+ optional ``finish``), so ONNX export traces only the network
+    #: (``runtime.onnx_encoder``); such encoders set it and implement the three
+    traceable_core: ClassVar[bool] = False
+
+    def prepare(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The untraced preprocessing before ``forward_features`` (identity by default)."""
+        return batch
+
+    def forward_features(self, features: dict[str, torch.Tensor]) -> EncoderOutput:
+        """The traceable network on ``prepare``'s outputs (``forward`` by default)."""
+        return self.forward(features)
+
+    @property
+    def feature_axes(self) -> dict[str, tuple[int, ...]]:
+        """The axes of ``prepare``'s tensors that vary between calls (default: every axis)."""
+        return {}
+
+    def finish(self, output: EncoderOutput) -> EncoderOutput:
+        """Cheap untraced post-processing of ``forward_features``' output (identity)."""
+        return output
+
+    def unfreeze_top(self, n: int) -> None:
+        """Let only the last ``n`` blocks train (``finetune top:N``); encoders with blocks
+        implement it."""
+        raise ValueError(f"encoder {self.name!r} cannot be partially unfrozen")
+
     @property
     def encoder_id(self) -> str:
         """A stable hash of (class, name, weights, preprocessing, output_dim, extras)."""
@@ -100,3 +127,13 @@ def masked_mean(sequence: torch.Tensor, mask: torch.Tensor | None) -> torch.Tens
         return sequence.mean(dim=1)
     weights = mask.to(sequence.dtype).unsqueeze(-1)
     return (sequence * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+
+
+def weights_fingerprint(module: nn.Module) -> str:
+    """Hash of every parameter and buffer: a cached export or feature is only reused for the
+    same weights."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()[:12]

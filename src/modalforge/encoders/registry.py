@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -45,12 +46,20 @@ def register_encoder(
     return wrap
 
 
+#: the built-in implementations, imported by name on first use (like the task registry's
+#: entries): they register themselves, and importing this module imports none of them
+BUILTINS = (
+    "modalforge.encoders.audio",
+    "modalforge.encoders.graph",
+    "modalforge.encoders.image",
+    "modalforge.encoders.tabular",
+    "modalforge.encoders.text",
+)
+
+
 def _load_builtins() -> None:
-    import modalforge.encoders.audio
-    import modalforge.encoders.graph
-    import modalforge.encoders.image
-    import modalforge.encoders.tabular
-    import modalforge.encoders.text  # noqa: F401
+    for module in BUILTINS:
+        importlib.import_module(module)
 
 
 def list_encoders(modality: Modality | str | None = None) -> list[EncoderInfo]:

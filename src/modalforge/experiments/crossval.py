@@ -26,8 +26,8 @@ import numpy as np
 import pandas as pd
 
 from modalforge.data.split import stratified_split
-from modalforge.train.run import RunOptions, train_run
-from modalforge.train.sweep import ROW, metric_names, prepare
+from modalforge.experiments.run import RunOptions, train_run
+from modalforge.experiments.sweep import ROW, metric_names, prepare
 
 STD = "sample standard deviation over folds (ddof=1)"
 METRIC_TITLES = {"accuracy": "accuracy", "f1_macro": "macro F1", "auroc_macro": "macro AUROC",
@@ -106,7 +106,7 @@ def cross_validate(
     fold = assign_folds(prepared.strata, folds, options.seed, prepared.groups)
     rows = prepared.frame[ROW].to_numpy()
     pd.DataFrame({"row": rows, "fold": fold + 1}).to_csv(out / "folds.csv", index=False)
-    names = metric_names(prepared.task)
+    names = metric_names(prepared.classifies)
 
     results = []
     for k in range(folds):

@@ -28,10 +28,11 @@ import numpy as np
 import pandas as pd
 
 from modalforge.data.manifest import Manifest
-from modalforge.predictor import MultimodalPredictor, Prediction, prediction_table
-from modalforge.train.crossval import assign_folds
-from modalforge.train.run import RunOptions, train_run
-from modalforge.train.sweep import ROW, pinned_split, split_counts
+from modalforge.experiments.crossval import assign_folds
+from modalforge.experiments.run import RunOptions, train_run
+from modalforge.experiments.sweep import ROW, pinned_split, split_counts
+from modalforge.tasks.classification import MultimodalPredictor
+from modalforge.tasks.prediction import Prediction, prediction_table
 
 
 class EnsemblePredictor:
@@ -53,6 +54,7 @@ class EnsemblePredictor:
                 )
         self.members = members
         self.task = first.task
+        self.classifies = first.classifies
         self.label = first.label
         self.labels = first.labels
         self.schema = first.schema
@@ -101,7 +103,8 @@ class EnsemblePredictor:
     ) -> pd.DataFrame:
         """Per row: the predicted label, its probability and every class's (classification);
         the predicted value (regression)."""
-        return prediction_table(self.predict_proba(data, root).probs, self.task, self.labels)
+        labels = self.labels if self.classifies else None
+        return prediction_table(self.predict_proba(data, root).probs, labels)
 
     def evaluate(
         self,
@@ -131,7 +134,7 @@ class EnsemblePredictor:
         y = np.asarray(first._targets(manifest))
         columns = list(first.model.columns)  # type: ignore[union-attr]
         rows = None
-        if self.task == "classification":
+        if self.classifies:
             metrics = classification_metrics(y, probs, self.labels)  # type: ignore[arg-type]
             members = [classification_metrics(y, p, self.labels).headline() for p in member_probs]  # type: ignore[arg-type]
             if ablation and len(columns) > 1:
@@ -264,7 +267,7 @@ def _write_predictions(ensemble: EnsemblePredictor, evaluation: dict[str, Any], 
     manifest: Manifest = evaluation["manifest"]
     probs, y = evaluation["probs"], evaluation["y"]
     table = pd.DataFrame({"row": manifest.frame[ROW].to_numpy()})
-    if ensemble.task == "classification":
+    if ensemble.classifies:
         labels = ensemble.labels or []
         table["label"] = [labels[i] for i in y]
         table["prediction"] = [labels[i] for i in probs.argmax(1)]

@@ -2,11 +2,15 @@
 
 ``RunOptions`` is what ``modalforge train`` takes from flags or a YAML file; it is saved resolved
 as ``run.yaml`` in the run folder (like timm's ``args.yaml``). ``sweep`` and ``cv`` call this too.
+Which predictor the options build is the task registry's business (``tasks.implied_task``: the
+``--task`` given, else the one its flags imply -- ``--pairs`` is contrastive, ``--caption`` is
+captioning -- else a classifier or regressor, guessed from the label).
 """
 
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -16,8 +20,12 @@ import yaml
 from modalforge.data.dataset import Augment
 from modalforge.data.manifest import Manifest
 from modalforge.models import EncoderSpec
-from modalforge.predictor import FitConfig, MultimodalPredictor
+from modalforge.models.multimodal import renamed_fusion_kwargs
+from modalforge.tasks.base import DEFAULT_ENCODERS, FitConfig, TaskPredictor
 from modalforge.train.module import OptimConfig
+
+#: options that were renamed, old name -> what it sets now (read with a deprecation message)
+RENAMED = {"hidden": ("fusion_out_dim", "decoder_dim")}
 
 # what --augment turns on: mild, label-preserving changes
 DEFAULT_AUGMENT = Augment(image_crop=0.15, image_jitter=0.2, audio_noise=0.05, audio_gain_db=6,
@@ -29,7 +37,7 @@ class RunOptions:
     manifest: str
     label: str | None = None  # required but for --task contrastive (there: stratifies the split)
     out: str = "runs/run"
-    task: str | None = None  # classification | regression | contrastive | caption (None: guessed)
+    task: str | None = None  # a trainable task of the registry (None: implied or guessed)
     # contrastive: the columns aligned with each other, e.g. ["image:text", "audio:text"]
     pairs: list[str] | None = None
     embed_dim: int = 256  # contrastive: the shared embedding width
@@ -39,7 +47,7 @@ class RunOptions:
     evaluate_by: str | None = None  # a column whose groups get their own accuracy (VQA: qtype)
     caption: str | None = None  # caption: the column of captions (the image: columns[0] or "image")
     decoder: str = "transformer"  # caption: transformer | gru (Show-Attend-Tell)
-    decoder_layers: int = 2  # caption: transformer layers (width: hidden)
+    decoder_layers: int = 2  # caption: transformer layers (width: decoder_dim)
     decoder_dropout: float = 0.3  # caption
     fusion: str = "concat"
     fusion_kwargs: dict[str, Any] = field(default_factory=dict)
@@ -54,7 +62,8 @@ class RunOptions:
     # column -> type, "?" = optional (may be missing at prediction time), e.g. {"audio": "audio?"};
     # columns not named here are inferred
     schema: dict[str, str] | None = None
-    hidden: int = 256
+    fusion_out_dim: int = 256  # classification / regression: the fused vector's width
+    decoder_dim: int = 256  # caption: the decoder's width
     epochs: int = 30
     batch_size: int = 64
     lr: float = 1e-3
@@ -77,6 +86,26 @@ class RunOptions:
     on_bad_row: str = "skip"
     resume: bool = False
     save_bundle: bool = True
+    #: deprecated: the width ``fusion_out_dim`` and ``decoder_dim`` now name (sets both)
+    hidden: int | None = None
+
+    def __post_init__(self) -> None:
+        for old, new in RENAMED.items():
+            value = getattr(self, old)
+            if value is not None:
+                warnings.warn(f"option {old!r} is deprecated: it sets {' and '.join(new)} "
+                              f"(use those)", FutureWarning, stacklevel=3)  # fmt: skip
+                for name in new:
+                    setattr(self, name, value)
+                setattr(self, old, None)
+        if "hidden" in self.fusion_kwargs:
+            warnings.warn("fusion_kwargs 'hidden' is deprecated: it is the fusion's 'width'",
+                          FutureWarning, stacklevel=3)  # fmt: skip
+            self.fusion_kwargs = renamed_fusion_kwargs(self.fusion_kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved options (what ``run.yaml`` holds; renamed options left out)."""
+        return {k: v for k, v in asdict(self).items() if k not in RENAMED}
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides: Any) -> RunOptions:
@@ -85,6 +114,13 @@ class RunOptions:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"{path}: unknown keys {unknown} (known: {sorted(known)})")
+        for old, new in RENAMED.items():
+            if old in data:
+                warnings.warn(f"{path}: {old!r} is deprecated: it sets {' and '.join(new)} "
+                              "(use those)", FutureWarning, stacklevel=2)  # fmt: skip
+                value = data.pop(old)
+                for name in new:
+                    data.setdefault(name, value)
         data.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**data)
 
@@ -93,12 +129,13 @@ class RunOptions:
             return self.finetune.get(key)
         return self.finetune
 
-    def predictor(self) -> MultimodalPredictor:
+    def predictor(self) -> TaskPredictor:
+        """The predictor these options describe: the task's own (``tasks.registry``)."""
+        from modalforge.schema import Modality, Schema
+        from modalforge.tasks import get, implied_task
+
         names = dict(self.encoders)
         specs: dict[str, EncoderSpec] = {}
-        from modalforge.predictor import DEFAULT_ENCODERS
-        from modalforge.schema import Modality
-
         for key in sorted(set(names) | set(self.encoder_kwargs)):
             default = (
                 DEFAULT_ENCODERS.get(Modality(key)) if key in {m.value for m in Modality} else None
@@ -115,9 +152,8 @@ class RunOptions:
                 if mode is not None:
                     default = EncoderSpec(spec.name, dict(spec.kwargs), mode)
                     specs.setdefault(modality.value, default)
-        loss = self.loss or ("ce" if self.task != "regression" else "mse")
         optim = OptimConfig(lr=self.lr, encoder_lr=self.encoder_lr, weight_decay=self.weight_decay,
-                            warmup_ratio=self.warmup_ratio, loss=loss,
+                            warmup_ratio=self.warmup_ratio, loss=self.loss or "ce",
                             label_smoothing=self.label_smoothing,
                             modality_dropout=self.modality_dropout)  # fmt: skip
         fit = FitConfig(epochs=self.epochs, batch_size=self.batch_size, patience=self.patience,
@@ -125,41 +161,13 @@ class RunOptions:
                         accelerator=self.accelerator, devices=self.devices, strategy=self.strategy,
                         num_nodes=self.num_nodes, precision=self.precision, optim=optim,
                         augment=DEFAULT_AUGMENT if self.augment else Augment())  # fmt: skip
-        from modalforge.schema import Schema
-
         schema = None
         if self.schema:
             schema = Schema.from_specs(f"{name}={kind}" for name, kind in self.schema.items())
-        if self.task == "contrastive":
-            from modalforge.contrastive import ContrastivePredictor
-
-            return ContrastivePredictor(self.pairs or [], label=self.label, encoders=specs,
-                                        schema=schema, embed_dim=self.embed_dim,
-                                        projection=self.projection,
-                                        dropout=self.projection_dropout, fit_config=fit,
-                                        cache_dir=self.cache_dir,
-                                        on_bad_row=self.on_bad_row)  # fmt: skip
-        if self.task == "caption":
-            from modalforge.caption import DEFAULT_ENCODER, CaptionPredictor
-
-            if not self.caption:
-                raise ValueError("--task caption needs the caption column (--caption)")
-            image = (self.columns or ["image"])[0]
-            spec = specs.get(image) or specs.get("image") or DEFAULT_ENCODER
-            return CaptionPredictor(image, self.caption, spec, decoder=self.decoder,
-                                    dim=self.hidden, layers=self.decoder_layers,
-                                    dropout=self.decoder_dropout, fit_config=fit,
-                                    cache_dir=self.cache_dir, schema=schema,
-                                    on_bad_row=self.on_bad_row)  # fmt: skip
-        if not self.label:
-            raise ValueError("a label column is needed (--label), except for --task contrastive "
-                             "and caption")  # fmt: skip
-        return MultimodalPredictor(label=self.label, task=self.task, fusion=self.fusion,
-                                   fusion_kwargs=self.fusion_kwargs, encoders=specs,
-                                   columns=self.columns, schema=schema, hidden=self.hidden,
-                                   fit_config=fit,
-                                   cache_dir=self.cache_dir,
-                                   on_bad_row=self.on_bad_row)  # fmt: skip
+        spec = get(implied_task(self) or "classification")
+        if spec.options is None:
+            raise ValueError(f"--task {spec.name}: not trained by modalforge train")
+        return spec.resolve("options")(self, specs, fit, schema)
 
 
 def train_run(
@@ -173,7 +181,7 @@ def train_run(
     """
     out = Path(options.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "run.yaml").write_text(yaml.safe_dump(asdict(options), sort_keys=False))
+    (out / "run.yaml").write_text(yaml.safe_dump(options.to_dict(), sort_keys=False))
     data = manifest if manifest is not None else options.manifest
     predictor = options.predictor().fit(data, out_dir=out, resume=options.resume,
                                         progress=progress)  # fmt: skip

@@ -26,8 +26,7 @@ import numpy as np
 import pandas as pd
 
 from modalforge.data.manifest import Manifest
-from modalforge.predictor import _guess_task
-from modalforge.train.run import RunOptions, train_run
+from modalforge.experiments.run import RunOptions, train_run
 
 # the original row position of every manifest row; columns starting with "_" are never inputs
 ROW = "_row"
@@ -43,6 +42,7 @@ class Prepared:
 
     manifest: Manifest  # cleaned; column ROW holds each row's position in the original file
     task: str
+    classifies: bool  # classes (accuracy, F1, ...) rather than values (RMSE, ...)
     inputs: list[str]  # the input columns, in schema order
     strata: list[str]  # per row: the label (classification) or "all" (regression)
     groups: list[str] | None  # per row: the `group` column, if the manifest has one
@@ -60,7 +60,15 @@ class Prepared:
 
 def prepare(options: RunOptions, progress: bool = True) -> Prepared:
     """Read ``options.manifest``, resolve its schema and drop bad rows (``options.on_bad_row``)
-    exactly as ``MultimodalPredictor.fit`` would, once, for every run that follows."""
+    exactly as ``MultimodalPredictor.fit`` would, once, for every run that follows. Sweeps,
+    folds and ensembles compare classifiers and regressors (the ``experiments`` capability)."""
+    from modalforge.tasks import get, implied_task
+    from modalforge.tasks.registry import EXPERIMENTS
+
+    spec = get(implied_task(options) or "classification")
+    if not spec.can(EXPERIMENTS):
+        raise ValueError(f"sweep, cv and ensemble compare classifiers and regressors, not "
+                         f"{spec.summary} models")  # fmt: skip
     predictor = options.predictor()
     manifest = predictor._manifest(options.manifest)
     if options.label not in manifest.columns:
@@ -75,14 +83,13 @@ def prepare(options: RunOptions, progress: bool = True) -> Prepared:
     if len(manifest) == 0:
         raise ValueError("no usable rows in the manifest")
     frame = manifest.frame
-    task = options.task or _guess_task(frame[options.label])
+    predictor._prepare_labels(manifest)  # the task guessed from the label, as fit() does
     strata = (
-        frame[options.label].astype(str).tolist()
-        if task == "classification"
-        else ["all"] * len(frame)
+        frame[options.label].astype(str).tolist() if predictor.classifies else ["all"] * len(frame)
     )
     groups = frame["group"].astype(str).tolist() if "group" in frame else None
-    return Prepared(manifest, task, [c.name for c in schema.inputs], strata, groups)
+    return Prepared(manifest, predictor.task, predictor.classifies,
+                    [c.name for c in schema.inputs], strata, groups)  # fmt: skip
 
 
 def reference_split(prepared: Prepared, options: RunOptions) -> np.ndarray:
@@ -126,8 +133,8 @@ def write_split(prepared: Prepared, split: np.ndarray, path: Path, name: str = "
     return path
 
 
-def metric_names(task: str) -> tuple[str, ...]:
-    return CLASSIFICATION_METRICS if task == "classification" else REGRESSION_METRICS
+def metric_names(classifies: bool) -> tuple[str, ...]:
+    return CLASSIFICATION_METRICS if classifies else REGRESSION_METRICS
 
 
 def folder_name(text: str) -> str:
@@ -183,15 +190,14 @@ def sweep(
             summary = train_run(run_options, progress, manifest)
         except Exception as err:  # one failed run must not end the sweep
             print(f"sweep: {name} failed: {type(err).__name__}: {err}")
-            rows.append(
-                _row(name, kind, folder, prepared.task, error=f"{type(err).__name__}: {err}")
-            )
+            rows.append(_row(name, kind, folder, prepared.classifies,
+                             error=f"{type(err).__name__}: {err}"))  # fmt: skip
             continue
-        rows.append(_row(name, kind, folder, prepared.task, summary))
+        rows.append(_row(name, kind, folder, prepared.classifies, summary))
     if all(r["error"] for r in rows):
         raise RuntimeError(f"every run of the sweep failed; first: {rows[0]['error']}")
 
-    key = "accuracy" if prepared.task == "classification" else "rmse"
+    key = "accuracy" if prepared.classifies else "rmse"
     table = pd.DataFrame(rows)
     table["_failed"] = table["error"].notna()
     table = (
@@ -208,7 +214,7 @@ def sweep(
         "cache": cache,
     }
     table.to_csv(out / "sweep.csv", index=False)
-    chart = plot_sweep(table, prepared.task, out / "sweep.png")
+    chart = plot_sweep(table, prepared.classifies, out / "sweep.png")
     (out / "sweep.md").write_text(_markdown(table, info, chart.name), encoding="utf-8")
     table.attrs.update(
         info, csv=str(out / "sweep.csv"), markdown=str(out / "sweep.md"), chart=str(chart)
@@ -220,7 +226,7 @@ def _row(
     name: str,
     kind: str,
     folder: Path,
-    task: str,
+    classifies: bool,
     summary: dict[str, Any] | None = None,
     error: str | None = None,
 ) -> dict[str, Any]:
@@ -229,7 +235,7 @@ def _row(
     history = summary.get("history") or {}
     cache = history.get("cache") or {}
     row: dict[str, Any] = {"name": name, "kind": kind}
-    row.update({m: head.get(m) for m in metric_names(task)})
+    row.update({m: head.get(m) for m in metric_names(classifies)})
     row.update(
         parameters=summary.get("parameters"),
         trainable_parameters=summary.get(TRAINABLE_KEY),
@@ -323,7 +329,7 @@ def _markdown(table: pd.DataFrame, info: dict[str, Any], chart: str) -> str:
     return "\n".join(lines)
 
 
-def plot_sweep(table: pd.DataFrame, task: str, path: Path) -> Path:
+def plot_sweep(table: pd.DataFrame, classifies: bool, path: Path) -> Path:
     """Horizontal bars, best run on top: accuracy and macro F1 (classification) or RMSE
     (regression); fusions in blue, single modalities in orange."""
     from matplotlib.figure import Figure
@@ -332,9 +338,7 @@ def plot_sweep(table: pd.DataFrame, task: str, path: Path) -> Path:
     from modalforge.evaluate.plots import label
 
     metrics = (
-        [("accuracy", "accuracy"), ("f1_macro", "macro F1")]
-        if task == "classification"
-        else [("rmse", "RMSE")]
+        [("accuracy", "accuracy"), ("f1_macro", "macro F1")] if classifies else [("rmse", "RMSE")]
     )
     n = len(table)
     colors = {"fusion": "tab:blue", "single modality": "tab:orange"}

@@ -65,7 +65,7 @@ def bench_bundle(path: str | Path, manifest, label: str | None, variants: list[s
                  rows: int = 64, repeats: int = 3) -> dict[str, Any]:  # fmt: skip
     """Every variant (default: all the bundle has) -> a JSON-safe table."""
     from modalforge.bundle import load_bundle
-    from modalforge.serve.engine import Engine
+    from modalforge.runtime.engine import Engine
 
     bundle = load_bundle(path)
     names = variants or list(bundle.variants)

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from modalforge.export.runtime import session
+from modalforge.runtime.caption import OrtCaptioner
 
 MEMORY, STEP, START = "onnx/memory.onnx", "onnx/step.onnx", "onnx/start.onnx"
 #: what a caption variant must meet against PyTorch
@@ -97,76 +97,23 @@ def export_caption_onnx(model, pixels: torch.Tensor, out_dir: Path) -> tuple[dic
     return files, {"format": "onnx", "caption": {**graphs, "decoder": model.config.decoder}}
 
 
-class OrtCaptioner:
-    """The memory and step graphs behind ``CaptionModel``'s decoding surface (``memory``,
-    ``start``, ``step``, ``encoder(column)``), so ``serve.Engine`` and ``models.decoding`` run a
-    variant as they run the PyTorch model."""
-
-    def __init__(self, model, root: Path, info: dict[str, Any], device: str = "cpu") -> None:
-        self.config = model.config
-        self.columns = list(model.columns)
-        spec = info["caption"]
-        self.graphs = {role: session(Path(root) / spec[role], device)
-                       for role in ("memory", "step", "start") if role in spec}  # fmt: skip
-        self._encoder = _MemoryEncoder(self, model.encoder(self.columns[0]))
-
-    def encoder(self, column: str):
-        return self._encoder
-
-    def to(self, device) -> OrtCaptioner:  # the providers were chosen at load
-        return self
-
-    def eval(self) -> OrtCaptioner:
-        return self
-
-    def memory(self, features=None, inputs=None) -> torch.Tensor:
-        if inputs is None:
-            raise ValueError("an ONNX captioner reads pixels, not cached features")
-        pixels = inputs["pixels"].detach().cpu().numpy()
-        return torch.from_numpy(self.graphs["memory"].run(None, {"pixels": pixels})[0])
-
-    def start(self, memory: torch.Tensor, bos: int) -> dict[str, torch.Tensor]:
-        token = torch.full((len(memory),), bos, dtype=torch.long)
-        if self.config.decoder == "transformer":
-            return {"prefix": token[:, None]}
-        (h,) = self.graphs["start"].run(None, {"memory": memory.detach().cpu().numpy()})
-        return {"h": torch.from_numpy(h), "token": token}
-
-    def step(self, memory: torch.Tensor, state: dict[str, torch.Tensor]):
-        m = memory.detach().cpu().numpy()
-        if self.config.decoder == "transformer":
-            feeds = {"memory": m, "prefix": state["prefix"].cpu().numpy()}
-            (logits,) = self.graphs["step"].run(None, feeds)
-            return torch.from_numpy(logits), state
-        logits, h = self.graphs["step"].run(None, {"memory": m, "h": state["h"].cpu().numpy(),
-                                               "token": state["token"].cpu().numpy()})  # fmt: skip
-        return torch.from_numpy(logits), {**state, "h": torch.from_numpy(h)}
-
-
-class _MemoryEncoder:
-    """``encoder(column)`` of an ONNX captioner: runs the memory graph (what ``Engine.tune``
-    times per chunk size)."""
-
-    def __init__(self, owner: OrtCaptioner, encoder) -> None:
-        self.owner, self.output_dim, self.modality = owner, encoder.output_dim, encoder.modality
-
-    def __call__(self, batch):
-        return self.owner.memory(inputs=batch)
-
-
-def export_caption_bundle(bundle, manifest, name: str = "onnx", overwrite: bool = False
-                          ) -> dict[str, Any]:  # fmt: skip
+def export_caption_bundle(bundle, manifest, label: str | None = None, name: str = "onnx",
+                          rule=None, overwrite: bool = False, quantize: str | None = None,
+                          calibration=None) -> dict[str, Any]:  # fmt: skip
     """Export a captioning bundle, decode held-out images of ``manifest`` (its ``test`` split
     when it has one; at most 64) with PyTorch and with the graphs, and add the variant when the
-    captions agree (``CAPTION_GATE``). Raises ``ParityGateError`` otherwise."""
+    captions agree (``CAPTION_GATE``; ``label`` and ``rule`` are not used). Raises
+    ``ParityGateError`` otherwise."""
     from modalforge.bundle import add_variant
-    from modalforge.data.manifest import read_manifest
-    from modalforge.export import ParityGateError
+    from modalforge.data.manifest import Manifest, read_manifest
+    from modalforge.export.parity import ParityGateError
     from modalforge.models.decoding import DecodeOptions
-    from modalforge.predictor import MultimodalPredictor
+    from modalforge.tasks import load
 
-    predictor = MultimodalPredictor.load(bundle)
-    rows = read_manifest(manifest) if not hasattr(manifest, "frame") else manifest
+    if quantize:
+        raise ValueError("--quantize: int8 captioning graphs are not offered yet")
+    predictor = load(bundle)
+    rows = manifest if isinstance(manifest, Manifest) else read_manifest(manifest)
     if "split" in rows.frame and (rows.frame["split"] == "test").any():
         rows = rows.subset(np.flatnonzero(rows.frame["split"].to_numpy() == "test"))
     rows = rows.subset(range(min(MAX_ROWS, len(rows))))

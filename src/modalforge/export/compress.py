@@ -26,7 +26,7 @@ def _check_and_add(bundle, name: str, reference, candidate, held_out, label, rul
                    files: dict[str, Path], info: dict[str, Any],
                    overwrite: bool) -> dict[str, Any]:  # fmt: skip
     from modalforge.bundle import add_variant
-    from modalforge.export import ParityGateError
+    from modalforge.export.parity import ParityGateError
 
     result = compare(reference, candidate, held_out, label)
     problems = gate(result, rule)
@@ -68,14 +68,17 @@ def prune_bundle(
     classifier (its rows are the classes) and depthwise convolutions alone."""
     from modalforge.bundle import write_weights
     from modalforge.export.prune import magnitude_prune, make_permanent, sparsity_report
-    from modalforge.predictor import MultimodalPredictor
-    from modalforge.serve.engine import Engine
+    from modalforge.runtime.engine import Engine
+    from modalforge.tasks import for_bundle, load
+    from modalforge.tasks.registry import PRUNE
 
     if not 0 < amount < 1:
         raise ValueError(f"--prune amount must be between 0 and 1, got {amount}")
     start = time.perf_counter()
-    reference = Engine(MultimodalPredictor.load(bundle), device="cpu")
-    predictor = MultimodalPredictor.load(bundle)
+    predictor = load(bundle)
+    if not for_bundle(predictor.bundle).can(PRUNE):
+        raise ValueError(f"{bundle}: pruning needs a classification bundle")
+    reference = Engine(load(bundle), device="cpu")
     model = predictor.model
     parts = {f"encoder:{c}": model.encoder(c) for c in model.columns}
     parts["fusion"] = model.fusion
@@ -132,13 +135,14 @@ def distill_bundle(
     targets at ``temperature`` (loss = alpha * T^2 * KL + (1 - alpha) * cross-entropy), gate it
     against the bundle on ``held_out`` and add it as variant ``name`` (format ``bundle``: the
     student's own bundle in the folder ``name``)."""
-    from modalforge.predictor import MultimodalPredictor
-    from modalforge.serve.engine import Engine
-    from modalforge.train.run import RunOptions
+    from modalforge.experiments.run import RunOptions
+    from modalforge.runtime.engine import Engine
+    from modalforge.tasks import for_bundle, load
+    from modalforge.tasks.registry import DISTILL
 
     start = time.perf_counter()
-    teacher = MultimodalPredictor.load(bundle)
-    if teacher.task != "classification":
+    teacher = load(bundle)
+    if not for_bundle(teacher.bundle).can(DISTILL):
         raise ValueError(f"{bundle}: distillation needs a classification bundle")
     options = RunOptions.from_yaml(config, manifest="-", label=teacher.label)
     student = options.predictor()

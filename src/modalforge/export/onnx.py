@@ -22,8 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from modalforge.encoders.onnx_runtime import OnnxEncoder, graph_files, quiet_exporter
 from modalforge.models.multimodal import MultimodalModel
+from modalforge.runtime.onnx_encoder import OnnxEncoder, graph_files, quiet_exporter
 
 HEAD = "onnx/head.onnx"
 
@@ -108,13 +108,12 @@ def export_head(model: MultimodalModel, path: Path, batch: int = 3) -> dict[str,
     return {"inputs": head_input_names(columns), "outputs": outputs}
 
 
-def export_onnx(
-    model: MultimodalModel, examples: dict[str, dict[str, torch.Tensor]], out_dir: Path
+def export_encoders(
+    model, examples: dict[str, dict[str, torch.Tensor]], out_dir: Path
 ) -> tuple[dict[str, Path], dict[str, Any]]:
-    """Every encoder (on ``examples[column]``, a collated batch of >= 2 rows) and the head ->
-    ONNX files under ``out_dir``. Each encoder graph is checked against PyTorch on its example
-    (``OnnxEncoder``'s tolerance); returns ``{name inside the bundle: path}`` and the variant
-    metadata (graph inputs / outputs, opset)."""
+    """Every encoder of ``model`` (on ``examples[column]``, a collated batch of >= 2 rows) ->
+    ONNX files under ``out_dir``, each checked against PyTorch on its example (``OnnxEncoder``'s
+    tolerance); returns ``{name inside the bundle: path}`` and ``{column: graph metadata}``."""
     out_dir = Path(out_dir)
     files: dict[str, Path] = {}
     encoders: dict[str, Any] = {}
@@ -135,20 +134,40 @@ def export_onnx(
             "core": runner.core,
             "max_abs_diff_on_export": runner.max_abs_diff,
         }
+    return files, encoders
+
+
+def _opset(path: Path) -> int | None:
     import onnx
 
+    opset = {op.domain or "ai.onnx": op.version for op in onnx.load(path).opset_import}
+    return opset.get("ai.onnx")
+
+
+def export_onnx(
+    model: MultimodalModel, examples: dict[str, dict[str, torch.Tensor]], out_dir: Path
+) -> tuple[dict[str, Path], dict[str, Any]]:
+    """A classifier's graphs: every encoder (``export_encoders``) and the fusion head -> ONNX
+    files under ``out_dir``; returns ``{name inside the bundle: path}`` and the variant
+    metadata (graph inputs / outputs, opset)."""
+    files, encoders = export_encoders(model, examples, out_dir)
     info: dict[str, Any] = {"format": "onnx", "encoders": encoders}
-    if hasattr(model, "projections"):  # a contrastive model: a projection per tower, no head
-        info["projections"] = {}
-        for column in model.columns:
-            path = out_dir / projection_file(column)
-            info["projections"][column] = export_projection(model, column, path)
-            files[projection_file(column)] = path
-        last = path
-    else:
-        last = out_dir / HEAD
-        info["head"] = {"file": HEAD, **export_head(model, last)}
-        files[HEAD] = last
-    opset = {op.domain or "ai.onnx": op.version for op in onnx.load(last).opset_import}
-    info["opset"] = opset.get("ai.onnx")
+    last = Path(out_dir) / HEAD
+    info["head"] = {"file": HEAD, **export_head(model, last)}
+    files[HEAD] = last
+    info["opset"] = _opset(last)
+    return files, info
+
+
+def export_towers_onnx(
+    model, examples: dict[str, dict[str, torch.Tensor]], out_dir: Path
+) -> tuple[dict[str, Path], dict[str, Any]]:
+    """A contrastive model's graphs: every tower's encoder and its projection (no head)."""
+    files, encoders = export_encoders(model, examples, out_dir)
+    info: dict[str, Any] = {"format": "onnx", "encoders": encoders, "projections": {}}
+    for column in model.columns:
+        path = Path(out_dir) / projection_file(column)
+        info["projections"][column] = export_projection(model, column, path)
+        files[projection_file(column)] = path
+    info["opset"] = _opset(path)
     return files, info

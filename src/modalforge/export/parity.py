@@ -20,6 +20,15 @@ from modalforge.data.manifest import Manifest, is_missing, resolve_path
 from modalforge.schema import Modality
 
 
+class ParityGateError(RuntimeError):
+    def __init__(self, variant: str, problems: list[str], result: dict[str, Any],
+                 info: dict[str, Any] | None = None) -> None:  # fmt: skip
+        super().__init__(f"variant {variant!r} failed its parity gate: " + "; ".join(problems))
+        self.problems = problems
+        self.result = result
+        self.info = info or {}  # the variant's metadata (quantization reports, ...)
+
+
 @dataclass(frozen=True)
 class Gate:
     min_agreement: float | None = None  # share of rows with the same predicted class
@@ -67,8 +76,8 @@ def compare(
             theirs = [candidate.decode(request_fields(candidate, manifest, r)) for r in chunk]
         else:
             theirs = samples
-        ref.append(reference.logits(samples))
-        cand.append(candidate.logits(theirs))
+        ref.append(reference.outputs(samples))
+        cand.append(candidate.outputs(theirs))
         kept.extend(chunk)
     a, b = np.concatenate(ref), np.concatenate(cand)
     result: dict[str, Any] = {
@@ -76,7 +85,7 @@ def compare(
         "max_abs_logit_diff": float(np.abs(a - b).max()),
         "mean_abs_logit_diff": float(np.abs(a - b).mean()),
     }
-    if reference.task == "classification":
+    if reference.labels:  # a classifier: compare predicted classes (and scores, with labels)
         pa, pb = a.argmax(1), b.argmax(1)
         result["agreement"] = float((pa == pb).mean())
         if label is not None and label in manifest.frame:

@@ -15,13 +15,13 @@ from modalforge.fusion.registry import register_fusion
 @register_fusion(
     "attention",
     "per-modality projections weighted by a softmax over present modalities of learned scores",
-    tiny={"hidden": 32},
+    tiny={"width": 32},
 )
 class AttentionFusion(Fusion):
     """``h_k = proj_k(x_k) (B, d)``, ``s_k = <h_k, q> / sqrt(d)`` with a learned scoring vector
     ``q``, ``a = softmax(s)`` over the present modalities ``(B, M)``, ``sum_k a_k h_k (B, d)``,
     then a linear output projection to ``output_dim`` (``project_output=False`` returns the
-    ``(B, d)`` sum itself and needs ``hidden == output_dim``). ``weights`` is ``a``; a row with no
+    ``(B, d)`` sum itself and needs ``width == output_dim``). ``weights`` is ``a``; a row with no
     modality present gets zero weights and a fused vector of zeros (plus the output bias).
     """
 
@@ -29,22 +29,20 @@ class AttentionFusion(Fusion):
         self,
         input_dims: dict[str, int],
         output_dim: int,
-        hidden: int = 256,
+        width: int = 256,
         dropout: float = 0.1,
         project_output: bool = True,
     ) -> None:
         super().__init__(input_dims, output_dim)
-        if not project_output and hidden != self.output_dim:
+        if not project_output and width != self.output_dim:
             raise ValueError(
-                f"project_output=False needs hidden == output_dim ({hidden} != {output_dim})"
+                f"project_output=False needs width == output_dim ({width} != {output_dim})"
             )
-        self.proj = nn.ModuleList(
-            projection(self.input_dims[k], hidden, dropout) for k in self.keys
-        )
+        self.proj = nn.ModuleList(projection(self.input_dims[k], width, dropout) for k in self.keys)
         # no bias: softmax ignores a shift shared by all modalities, so a bias would get no gradient
-        self.score = nn.Linear(hidden, 1, bias=False)
-        self.scale = 1.0 / math.sqrt(hidden)
-        self.out = nn.Linear(hidden, self.output_dim) if project_output else nn.Identity()
+        self.score = nn.Linear(width, 1, bias=False)
+        self.scale = 1.0 / math.sqrt(width)
+        self.out = nn.Linear(width, self.output_dim) if project_output else nn.Identity()
 
     def forward(
         self, features: dict[str, torch.Tensor], mask: dict[str, torch.Tensor] | None = None

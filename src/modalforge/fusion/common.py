@@ -49,6 +49,6 @@ def projection(in_dim: int, out_dim: int, dropout: float) -> nn.Sequential:
     return nn.Sequential(nn.Linear(in_dim, out_dim), nn.GELU(), nn.Dropout(dropout))
 
 
-def mlp(in_dim: int, hidden: int, out_dim: int, dropout: float) -> nn.Sequential:
-    """One hidden layer: ``(B, in_dim) -> (B, hidden) -> (B, out_dim)``."""
-    return nn.Sequential(projection(in_dim, hidden, dropout), nn.Linear(hidden, out_dim))
+def mlp(in_dim: int, width: int, out_dim: int, dropout: float) -> nn.Sequential:
+    """One hidden layer of ``width``: ``(B, in_dim) -> (B, width) -> (B, out_dim)``."""
+    return nn.Sequential(projection(in_dim, width, dropout), nn.Linear(width, out_dim))

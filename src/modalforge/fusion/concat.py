@@ -12,25 +12,23 @@ from modalforge.fusion.registry import register_fusion
 
 @register_fusion(
     "concat",
-    "per-modality projection MLPs to `hidden` (missing zeroed), concatenated, then an MLP",
-    tiny={"hidden": 32},
+    "per-modality projection MLPs to `width` (missing zeroed), concatenated, then an MLP",
+    tiny={"width": 32},
 )
 class ConcatFusion(Fusion):
-    """``x_k (B, D_k) -> h_k (B, hidden)`` (Linear + GELU + Dropout), ``h_k = 0`` where modality
-    ``k`` is missing, ``[h_1; ...; h_M] (B, M * hidden)`` through an MLP to ``output_dim``."""
+    """``x_k (B, D_k) -> h_k (B, width)`` (Linear + GELU + Dropout), ``h_k = 0`` where modality
+    ``k`` is missing, ``[h_1; ...; h_M] (B, M * width)`` through an MLP to ``output_dim``."""
 
     def __init__(
         self,
         input_dims: dict[str, int],
         output_dim: int,
-        hidden: int = 256,
+        width: int = 256,
         dropout: float = 0.1,
     ) -> None:
         super().__init__(input_dims, output_dim)
-        self.proj = nn.ModuleList(
-            projection(self.input_dims[k], hidden, dropout) for k in self.keys
-        )
-        self.mlp = mlp(len(self.keys) * hidden, hidden, self.output_dim, dropout)
+        self.proj = nn.ModuleList(projection(self.input_dims[k], width, dropout) for k in self.keys)
+        self.mlp = mlp(len(self.keys) * width, width, self.output_dim, dropout)
 
     def forward(
         self, features: dict[str, torch.Tensor], mask: dict[str, torch.Tensor] | None = None

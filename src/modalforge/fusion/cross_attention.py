@@ -13,7 +13,7 @@ from modalforge.fusion.registry import register_fusion
 @register_fusion(
     "cross_attention",
     "transformer encoder over one token per modality plus a learned fusion [CLS] token",
-    tiny={"hidden": 32, "layers": 1, "heads": 2},
+    tiny={"width": 32, "layers": 1, "heads": 2},
 )
 class CrossAttentionFusion(Fusion):
     """``x_k (B, D_k)`` to a token ``(B, d)`` plus a learned modality embedding; a learned fusion
@@ -29,30 +29,30 @@ class CrossAttentionFusion(Fusion):
         self,
         input_dims: dict[str, int],
         output_dim: int,
-        hidden: int = 256,
+        width: int = 256,
         layers: int = 2,
         heads: int = 4,
         dropout: float = 0.1,
         ff_mult: int = 2,
     ) -> None:
         super().__init__(input_dims, output_dim)
-        if hidden % heads:
-            raise ValueError(f"hidden ({hidden}) must be divisible by heads ({heads})")
-        self.tokenize = nn.ModuleList(nn.Linear(self.input_dims[k], hidden) for k in self.keys)
-        self.modality_embedding = nn.Parameter(torch.randn(len(self.keys), hidden) * 0.02)
-        self.cls = nn.Parameter(torch.randn(1, 1, hidden) * 0.02)
+        if width % heads:
+            raise ValueError(f"width ({width}) must be divisible by heads ({heads})")
+        self.tokenize = nn.ModuleList(nn.Linear(self.input_dims[k], width) for k in self.keys)
+        self.modality_embedding = nn.Parameter(torch.randn(len(self.keys), width) * 0.02)
+        self.cls = nn.Parameter(torch.randn(1, 1, width) * 0.02)
         layer = nn.TransformerEncoderLayer(
-            hidden,
+            width,
             heads,
-            dim_feedforward=ff_mult * hidden,
+            dim_feedforward=ff_mult * width,
             dropout=dropout,
             activation="gelu",
             batch_first=True,
             norm_first=True,
         )
         self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
-        self.norm = nn.LayerNorm(hidden)
-        self.out = nn.Linear(hidden, self.output_dim)
+        self.norm = nn.LayerNorm(width)
+        self.out = nn.Linear(width, self.output_dim)
 
     def forward(
         self, features: dict[str, torch.Tensor], mask: dict[str, torch.Tensor] | None = None

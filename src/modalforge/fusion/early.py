@@ -12,7 +12,7 @@ from modalforge.fusion.registry import register_fusion
 @register_fusion(
     "early",
     "concatenated input features (missing zeroed) plus the presence mask, then one MLP",
-    tiny={"hidden": 32},
+    tiny={"width": 32},
 )
 class EarlyFusion(Fusion):
     """``[x_1; ...; x_M; present]`` of width ``sum(D_k) + M`` through one MLP to ``output_dim``.
@@ -25,12 +25,12 @@ class EarlyFusion(Fusion):
         self,
         input_dims: dict[str, int],
         output_dim: int,
-        hidden: int = 256,
+        width: int = 256,
         dropout: float = 0.1,
     ) -> None:
         super().__init__(input_dims, output_dim)
         in_dim = sum(self.input_dims.values()) + len(self.keys)
-        self.mlp = mlp(in_dim, hidden, self.output_dim, dropout)
+        self.mlp = mlp(in_dim, width, self.output_dim, dropout)
 
     def forward(
         self, features: dict[str, torch.Tensor], mask: dict[str, torch.Tensor] | None = None

@@ -16,7 +16,7 @@ from modalforge.fusion.registry import register_fusion
     "late",
     "a head per modality producing the task outputs, averaged (or learned-softmax weighted) "
     "over present modalities",
-    tiny={"hidden": 32},
+    tiny={"width": 32},
 )
 class LateFusion(Fusion):
     """Each modality's head maps ``x_k (B, D_k)`` to outputs ``(B, output_dim)`` on its own; the
@@ -31,7 +31,7 @@ class LateFusion(Fusion):
         self,
         input_dims: dict[str, int],
         output_dim: int,
-        hidden: int = 256,
+        width: int = 256,
         dropout: float = 0.1,
         weighting: Literal["mean", "learned"] = "mean",
     ) -> None:
@@ -40,7 +40,7 @@ class LateFusion(Fusion):
             raise ValueError(f"weighting must be 'mean' or 'learned', not {weighting!r}")
         self.weighting = weighting
         self.heads = nn.ModuleList(
-            mlp(self.input_dims[k], hidden, self.output_dim, dropout) for k in self.keys
+            mlp(self.input_dims[k], width, self.output_dim, dropout) for k in self.keys
         )
         self.weight_logits = (
             nn.Parameter(torch.zeros(len(self.keys))) if weighting == "learned" else None

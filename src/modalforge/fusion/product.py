@@ -15,7 +15,7 @@ from modalforge.fusion.registry import register_fusion
 @register_fusion(
     "product",
     "tanh projections multiplied element-wise (MLB low-rank bilinear), missing ones set to 1",
-    tiny={"hidden": 32},
+    tiny={"width": 32},
 )
 class ProductFusion(Fusion):
     """``z_k = tanh(W_k x_k) (B, d)``, ``z_k = 1`` (the multiplicative identity) where modality
@@ -26,13 +26,13 @@ class ProductFusion(Fusion):
         self,
         input_dims: dict[str, int],
         output_dim: int,
-        hidden: int = 256,
+        width: int = 256,
         dropout: float = 0.1,
     ) -> None:
         super().__init__(input_dims, output_dim)
-        self.proj = nn.ModuleList(nn.Linear(self.input_dims[k], hidden) for k in self.keys)
+        self.proj = nn.ModuleList(nn.Linear(self.input_dims[k], width) for k in self.keys)
         self.dropout = nn.Dropout(dropout)
-        self.out = nn.Linear(hidden, self.output_dim)
+        self.out = nn.Linear(width, self.output_dim)
 
     def forward(
         self, features: dict[str, torch.Tensor], mask: dict[str, torch.Tensor] | None = None

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import importlib
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -16,7 +18,7 @@ class FusionInfo:
     #: True where the fusion emits the task outputs itself (late fusion), not a representation
     produces_outputs: bool
     factory: Callable[..., Fusion]
-    #: overrides that make a tiny, fast instance for tests (hidden 32, 1 layer, ...)
+    #: overrides that make a tiny, fast instance for tests (width 32, 1 layer, ...)
     tiny: dict
 
 
@@ -34,15 +36,23 @@ def register_fusion(name: str, description: str, tiny: dict | None = None):
     return wrap
 
 
+#: the built-in implementations, imported by name on first use (like the task registry's
+#: entries): they register themselves, and importing this module imports none of them
+BUILTINS = (
+    "modalforge.fusion.attention",
+    "modalforge.fusion.concat",
+    "modalforge.fusion.cross_attention",
+    "modalforge.fusion.early",
+    "modalforge.fusion.late",
+    "modalforge.fusion.lmf",
+    "modalforge.fusion.product",
+    "modalforge.fusion.tensor",
+)
+
+
 def _load_builtins() -> None:
-    import modalforge.fusion.attention
-    import modalforge.fusion.concat
-    import modalforge.fusion.cross_attention
-    import modalforge.fusion.early
-    import modalforge.fusion.late
-    import modalforge.fusion.lmf
-    import modalforge.fusion.product
-    import modalforge.fusion.tensor  # noqa: F401
+    for module in BUILTINS:
+        importlib.import_module(module)
 
 
 def list_fusions() -> list[FusionInfo]:
@@ -54,6 +64,10 @@ def create_fusion(name: str, input_dims: dict[str, int], output_dim: int, **over
     _load_builtins()
     if name not in _REGISTRY:
         raise KeyError(f"unknown fusion {name!r} (choose from {', '.join(sorted(_REGISTRY))})")
+    if "hidden" in overrides:
+        warnings.warn("fusion argument 'hidden' is now 'width' (the fusion's inner width)",
+                      FutureWarning, stacklevel=2)  # fmt: skip
+        overrides = {("width" if k == "hidden" else k): v for k, v in overrides.items()}
     fusion = _REGISTRY[name].factory(input_dims, output_dim, **overrides)
     fusion.name = name
     return fusion

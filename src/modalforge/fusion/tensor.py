@@ -15,7 +15,7 @@ from modalforge.fusion.registry import register_fusion
 @register_fusion(
     "tensor",
     "TFN: outer product of per-modality [z; 1] (all unimodal, bimodal, ... terms), then an MLP",
-    tiny={"hidden": 32, "modality_dim": 4},
+    tiny={"width": 32, "modality_dim": 4},
 )
 class TensorFusion(Fusion):
     """``z_k = tanh(W_k x_k) (B, d_m)`` (``z_k = 0`` where modality ``k`` is missing, so only its
@@ -31,7 +31,7 @@ class TensorFusion(Fusion):
         self,
         input_dims: dict[str, int],
         output_dim: int,
-        hidden: int = 256,
+        width: int = 256,
         dropout: float = 0.1,
         modality_dim: int = 8,
     ) -> None:
@@ -41,7 +41,7 @@ class TensorFusion(Fusion):
             nn.Sequential(nn.Linear(self.input_dims[k], modality_dim), nn.Tanh()) for k in self.keys
         )
         self.tensor_dim = (modality_dim + 1) ** len(self.keys)
-        self.mlp = mlp(self.tensor_dim, hidden, self.output_dim, dropout)
+        self.mlp = mlp(self.tensor_dim, width, self.output_dim, dropout)
 
     def forward(
         self, features: dict[str, torch.Tensor], mask: dict[str, torch.Tensor] | None = None

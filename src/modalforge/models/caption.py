@@ -9,10 +9,10 @@ Two decoders, one interface (``logits`` for teacher forcing, ``start`` / ``step`
 * ``transformer`` -- a pre-norm transformer decoder (causal self-attention, cross-attention to
   the grid), learned positions, the output layer tied to the word embeddings.
 
-The memory is the grid (``(H/32) x (W/32)`` positions for EfficientNet) projected to ``dim``,
-plus the pooled feature as one more position. Frozen encoders' grids come from the feature cache
-(flattened), so training touches only the decoder. Decoding -- greedy, beam search with a length
-penalty, nucleus sampling -- is in :mod:`modalforge.models.decoding`.
+The memory is the grid (``(H/32) x (W/32)`` positions for EfficientNet) projected to
+``decoder_dim``, plus the pooled feature as one more position. Frozen encoders' grids come from
+the feature cache (flattened), so training touches only the decoder. Decoding -- greedy, beam
+search with a length penalty, nucleus sampling -- is in :mod:`modalforge.models.decoding`.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ class CaptionConfig:
     vocab_size: int
     grid: int  # positions in the encoder's grid (16 for EfficientNet at 128 px)
     decoder: str = "transformer"
-    dim: int = 256
+    decoder_dim: int = 256  # the decoder's width (word embeddings, attention, GRU state)
     layers: int = 2
     heads: int = 4
     dropout: float = 0.3
@@ -51,31 +51,36 @@ class CaptionConfig:
     def __post_init__(self) -> None:
         if self.decoder not in DECODERS:
             raise ValueError(f"decoder must be one of {DECODERS}, not {self.decoder!r}")
-        if self.dim % self.heads:
-            raise ValueError(f"dim {self.dim} is not divisible by heads {self.heads}")
+        if self.decoder_dim % self.heads:
+            raise ValueError(f"decoder_dim {self.decoder_dim} is not divisible by heads "
+                             f"{self.heads}")  # fmt: skip
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CaptionConfig:
+        """From ``to_dict``'s output (bundles written before the widths had one name each say
+        ``dim`` for ``decoder_dim``)."""
         data = dict(data)
         data["encoder"] = EncoderSpec(**data["encoder"])
+        if "dim" in data:
+            data["decoder_dim"] = data.pop("dim")
         return cls(**data)
 
 
 class CaptionModel(nn.Module):
-    """``memory(features)`` -> ``(B, grid + 1, dim)``; ``logits(memory, tokens)`` -> ``(B, T,
-    V)`` (teacher forcing: position t predicts token t + 1); ``start`` / ``step``: decoding one
-    token at a time, the state a dict of tensors (the prefix, or the GRU's hidden state and
-    last token) -- what the ONNX export's one-step graph runs."""
+    """``memory(features)`` -> ``(B, grid + 1, decoder_dim)``; ``logits(memory, tokens)`` ->
+    ``(B, T, V)`` (teacher forcing: position t predicts token t + 1); ``start`` / ``step``:
+    decoding one token at a time, the state a dict of tensors (the prefix, or the GRU's hidden
+    state and last token) -- what the ONNX export's one-step graph runs."""
 
     def __init__(self, encoder: Encoder, config: CaptionConfig) -> None:
         super().__init__()
         self.config = config
         self.columns = [config.image]
         self.encoders = nn.ModuleList([encoder])
-        d, v = config.dim, config.vocab_size
+        d, v = config.decoder_dim, config.vocab_size
         self.bridge = nn.Sequential(nn.Linear(encoder.output_dim, d), nn.LayerNorm(d),
                                     nn.Dropout(config.dropout))  # fmt: skip
         self.embed = nn.Embedding(v, d, padding_idx=0)
@@ -164,7 +169,7 @@ class CaptionModel(nn.Module):
             raise ValueError(f"{t} tokens: this model was built for at most "
                              f"{self.config.max_length}")  # fmt: skip
         pos = torch.arange(t, device=tokens.device)
-        x = self.drop(self.embed(tokens) * math.sqrt(self.config.dim) + self.positions(pos))
+        x = self.drop(self.embed(tokens) * math.sqrt(self.config.decoder_dim) + self.positions(pos))
         causal = torch.ones(t, t, dtype=torch.bool, device=tokens.device).triu(1)
         pad = tokens == 0 if padded else None
         h = self.decoder(x, memory, tgt_mask=causal, tgt_key_padding_mask=pad, tgt_is_causal=True)

@@ -7,6 +7,7 @@ column whose encoder is frozen, the caller may pass cached pooled features inste
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -38,18 +39,42 @@ class ModelConfig:
     inputs: dict[str, EncoderSpec]  # column -> encoder
     num_outputs: int  # classes (classification) or targets (regression)
     fusion: str = "concat"
+    #: the fusion's own arguments; ``width`` is its inner width (per-modality projections)
     fusion_kwargs: dict[str, Any] = field(default_factory=dict)
-    hidden: int = 256  # fusion output width (ignored by fusions that produce outputs)
+    fusion_out_dim: int = 256  # the fused vector's width (ignored by fusions that produce outputs)
     head_dropout: float = 0.1
+    hidden: int | None = None  # deprecated: the old name of fusion_out_dim
+
+    def __post_init__(self) -> None:
+        if self.hidden is not None:
+            warnings.warn("ModelConfig(hidden=...) is now fusion_out_dim=...", DeprecationWarning,
+                          stacklevel=3)  # fmt: skip
+            self.fusion_out_dim, self.hidden = self.hidden, None
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        del out["hidden"]
+        return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        """From ``to_dict``'s output; bundles written before the widths had one name each say
+        ``hidden`` for ``fusion_out_dim`` and ``fusion_kwargs.hidden`` for its ``width``."""
         data = dict(data)
         data["inputs"] = {k: EncoderSpec(**v) for k, v in data["inputs"].items()}
+        if data.get("hidden") is not None:  # a bundle from before the rename: no warning
+            data["fusion_out_dim"] = data.pop("hidden")
+        data["fusion_kwargs"] = renamed_fusion_kwargs(data.get("fusion_kwargs") or {})
         return cls(**data)
+
+
+def renamed_fusion_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``fusion_kwargs`` with the old name of the fusion's inner width (``hidden``) read as
+    ``width``."""
+    kwargs = dict(kwargs)
+    if "hidden" in kwargs and "width" not in kwargs:
+        kwargs["width"] = kwargs.pop("hidden")
+    return kwargs
 
 
 @dataclass
@@ -114,14 +139,14 @@ def build_model(config: ModelConfig, encoders: dict[str, Encoder] | None = None)
     fusion = create_fusion(
         config.fusion,
         {c: e.output_dim for c, e in built.items()},
-        config.num_outputs if _produces_outputs(config.fusion) else config.hidden,
+        config.num_outputs if _produces_outputs(config.fusion) else config.fusion_out_dim,
         **config.fusion_kwargs,
     )
     if fusion.produces_outputs:
         head: nn.Module = nn.Identity()
     else:
         head = nn.Sequential(
-            nn.Dropout(config.head_dropout), nn.Linear(config.hidden, config.num_outputs)
+            nn.Dropout(config.head_dropout), nn.Linear(config.fusion_out_dim, config.num_outputs)
         )
     return MultimodalModel(built, fusion, head)
 
@@ -142,15 +167,13 @@ def default_training_mode(encoder_name: str) -> str:
 
 def apply_training_mode(encoder: Encoder, mode: str) -> None:
     """``frozen``: no gradients; ``full``: everything trains; ``top:N``: the last N blocks train
-    (encoders that support it expose ``unfreeze_top``)."""
+    (``Encoder.unfreeze_top``; encoders without blocks refuse)."""
     if mode == "frozen":
         encoder.freeze()
     elif mode == "full":
         for p in encoder.parameters():
             p.requires_grad_(True)
     elif mode.startswith("top:"):
-        if not hasattr(encoder, "unfreeze_top"):
-            raise ValueError(f"encoder {encoder.name!r} cannot be partially unfrozen")
         encoder.unfreeze_top(int(mode.split(":", 1)[1]))
     else:
         raise ValueError(f"unknown training mode {mode!r} (frozen, full or top:N)")

@@ -4,10 +4,11 @@
 ``$MODALFORGE_CACHE/onnx/<encoder_id>.onnx`` unless that file is already there, compares its
 outputs with PyTorch on ``example`` (max abs difference of the pooled features must stay within
 ``atol``, or the export is deleted and an error raised), then answers ``__call__(batch)`` with an
-``EncoderOutput`` computed by ONNX Runtime. CUDA is used when the installed onnxruntime has it.
+``EncoderOutput`` computed by ONNX Runtime, in a session from ``runtime.session`` (CUDA when torch
+and the installed onnxruntime have it).
 
 **A traceable core.** An encoder whose ``forward`` starts with work that cannot be traced (numpy
-log-mel spectrograms, Python loops over clips) may split it, duck-typed:
+log-mel spectrograms, Python loops over clips) sets ``traceable_core`` and splits it:
 
 * ``prepare(batch) -> dict[str, Tensor]``: the untraced preprocessing (it stays in Python, and
   ``OnnxEncoder`` calls it before every ONNX Runtime run);
@@ -33,7 +34,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from modalforge.encoders.base import INPUT_KEYS, Encoder, EncoderOutput
+from modalforge.encoders.base import INPUT_KEYS, Encoder, EncoderOutput, weights_fingerprint
+from modalforge.runtime.session import session
 
 # which input axes vary between calls, per batch key
 DYNAMIC_AXES = {
@@ -77,12 +79,10 @@ def graph_files(path: Path) -> list[Path]:
     return [Path(path), *(Path(path).parent / name for name in found)]
 
 
-def has_core(encoder: nn.Module) -> bool:
+def has_core(encoder: Encoder) -> bool:
     """Whether ``encoder`` splits its forward into ``prepare`` + a traceable
     ``forward_features`` (see the module docstring)."""
-    return callable(getattr(encoder, "prepare", None)) and callable(
-        getattr(encoder, "forward_features", None)
-    )
+    return encoder.traceable_core
 
 
 class _Flat(nn.Module):
@@ -97,25 +97,6 @@ class _Flat(nn.Module):
         inputs = dict(zip(self.keys, tensors, strict=True))
         out = self.encoder.forward_features(inputs) if self.core else self.encoder(inputs)
         return tuple(getattr(out, name) for name in self.outputs)
-
-
-def providers() -> list[str]:
-    import onnxruntime as ort
-
-    available = ort.get_available_providers()
-    wanted = ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    return [p for p in wanted if p in available] or available
-
-
-def weights_fingerprint(module: nn.Module) -> str:
-    """Hash of every parameter and buffer: a cached export is only reused for the same weights."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
-    return digest.hexdigest()[:12]
 
 
 def cache_root() -> Path:
@@ -133,8 +114,6 @@ class OnnxEncoder:
         atol: float = 1e-3,
         cache: Path | None = None,
     ) -> None:
-        import onnxruntime as ort
-
         encoder.freeze()
         self.encoder = encoder
         self.core = has_core(encoder)
@@ -165,9 +144,7 @@ class OnnxEncoder:
             start = time.perf_counter()
             self._export(features)
             self.export_seconds = time.perf_counter() - start
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self.session = ort.InferenceSession(str(self.path), options, providers=providers())
+        self.session = session(self.path)
         self.max_abs_diff = self._check(features, expected.pooled, atol)
 
     def _features(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -185,7 +162,7 @@ class OnnxEncoder:
     def _dynamic_axes(self, key: str, tensor: torch.Tensor) -> tuple[int, ...]:
         if not self.core:
             return DYNAMIC_AXES[key]
-        declared = getattr(self.encoder, "feature_axes", None) or {}
+        declared = self.encoder.feature_axes
         axes = tuple(declared.get(key, range(tensor.dim())))
         return axes if 0 in axes or tensor.dim() == 0 else (0, *axes)
 
@@ -255,8 +232,7 @@ class OnnxEncoder:
         if self.core:
             out = EncoderOutput(pooled=outputs["pooled"], sequence=outputs.get("sequence"),
                                 mask=outputs.get("mask"))  # fmt: skip
-            finish = getattr(self.encoder, "finish", None)
-            return finish(out) if callable(finish) else out
+            return self.encoder.finish(out)
         mask = batch.get("attention_mask")
         return EncoderOutput(
             pooled=outputs["pooled"],

@@ -150,11 +150,11 @@ class MicroBatcher:
         deadline = time.monotonic() + drain_timeout
         while self.depth > 0 and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
+        for worker in self._tasks:
+            worker.cancel()
+        for worker in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
-                await task
+                await worker
         while self._queue is not None and not self._queue.empty():
             job = self._queue.get_nowait()
             if not job.future.done():

@@ -18,8 +18,8 @@ import binascii
 import json
 from typing import Any
 
+from modalforge.errors import RequestError
 from modalforge.schema import Column, Modality
-from modalforge.serve.engine import RequestError
 
 JSON = "application/json"
 MULTIPART = "multipart/form-data"

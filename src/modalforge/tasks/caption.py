@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,9 @@ from modalforge.encoders import create_encoder
 from modalforge.models import EncoderSpec
 from modalforge.models.caption import CaptionConfig, CaptionModel, build_caption
 from modalforge.models.decoding import DecodeOptions, decode
-from modalforge.predictor import FitConfig, MultimodalPredictor
+from modalforge.tasks.base import FitConfig, TaskPredictor
+from modalforge.tasks.serving import OPTIONS, ServingAdapter
+from modalforge.train.module import CaptionModule
 
 #: the image encoder a captioner starts from: the emoji are 64 px, so 128 px gives a 4x4 grid
 DEFAULT_ENCODER = EncoderSpec("efficientnet_lite0", {"image_size": 128})
@@ -51,14 +54,17 @@ def detokenize(words: list[str]) -> str:
     return re.sub(r" ?([-']) ?", r"\1", text)
 
 
-class CaptionPredictor(MultimodalPredictor):
+class CaptionPredictor(TaskPredictor):
+    instead_of_predict = ("a captioning model writes captions: use caption(), `modalforge "
+                          "caption`, or /v1/caption and /v1/chat/completions")  # fmt: skip
+
     def __init__(
         self,
         image: str = "image",
         caption: str = "text",
         encoder: EncoderSpec | str | None = None,
         decoder: str = "transformer",
-        dim: int = 256,
+        decoder_dim: int = 256,
         layers: int = 2,
         heads: int = 4,
         dropout: float = 0.3,
@@ -67,22 +73,30 @@ class CaptionPredictor(MultimodalPredictor):
         cache_dir: str | Path | None = None,
         on_bad_row: str = "skip",
         schema=None,
+        dim: int | None = None,
     ) -> None:
         spec = EncoderSpec(encoder) if isinstance(encoder, str) else encoder or DEFAULT_ENCODER
         super().__init__(label=caption, task="caption", encoders={image: spec}, columns=[image],
                          schema=schema, fit_config=fit_config, cache_dir=cache_dir,
                          on_bad_row=on_bad_row)  # fmt: skip
         self.fit_config.monitor = "val_loss"
+        if dim is not None:
+            warnings.warn("CaptionPredictor(dim=...) is now decoder_dim=...", DeprecationWarning,
+                          stacklevel=2)  # fmt: skip
+            decoder_dim = dim
         self.image, self.caption_column = image, caption
-        self.decoder, self.dim, self.layers, self.heads = decoder, dim, layers, heads
+        self.decoder, self.decoder_dim = decoder, decoder_dim
+        self.layers, self.heads = layers, heads
         self.dropout, self.max_length = dropout, max_length
         self.vocab: WordVocab | None = None
         self.train_manifest: Manifest | None = None  # the nearest-neighbour baseline's captions
 
     @classmethod
-    def from_config(cls, config: dict[str, Any], cache_dir=None) -> CaptionPredictor:
+    def from_config(cls, config: dict[str, Any], label: str | None = None, task: str = "caption",
+                    cache_dir=None) -> CaptionPredictor:  # fmt: skip
         parsed = CaptionConfig.from_dict(config)
-        predictor = cls(parsed.image, parsed.caption, parsed.encoder, parsed.decoder, parsed.dim,
+        predictor = cls(parsed.image, parsed.caption, parsed.encoder, parsed.decoder,
+                        parsed.decoder_dim,
                         parsed.layers, parsed.heads, parsed.dropout, parsed.max_length,
                         cache_dir=cache_dir)  # fmt: skip
         predictor.config = parsed
@@ -100,8 +114,8 @@ class CaptionPredictor(MultimodalPredictor):
         probe = create_encoder(spec.name, **spec.kwargs)  # its grid size sets the config's
         self.config = CaptionConfig(
             self.image, self.caption_column, spec, len(self.vocab), grid=_grid_size(probe),
-            decoder=self.decoder, dim=self.dim, layers=self.layers, heads=self.heads,
-            dropout=self.dropout, max_length=self.max_length,
+            decoder=self.decoder, decoder_dim=self.decoder_dim, layers=self.layers,
+            heads=self.heads, dropout=self.dropout, max_length=self.max_length,
         )  # fmt: skip
         self.model = build_caption(self.config, probe)
 
@@ -109,12 +123,11 @@ class CaptionPredictor(MultimodalPredictor):
         return build_caption(self.config)  # type: ignore[arg-type]
 
     def _module(self, class_weights):
-        from modalforge.train.module import CaptionModule
-
         return CaptionModule(self.model, self.fit_config.optim)
 
-    def _targets(self, manifest: Manifest) -> None:
-        return None
+    @property
+    def _stratify(self) -> bool:  # every caption is its own class
+        return False
 
     def _row_tensors(self, manifest: Manifest) -> dict[str, torch.Tensor]:
         """Each row's caption as ``<bos> words <eos>`` ids, padded to ``max_length``."""
@@ -126,30 +139,14 @@ class CaptionPredictor(MultimodalPredictor):
         (kept apart from its pooled features)."""
         if self.image not in self._frozen_columns():
             return {}
-        encoder = self.model.encoder(self.image)  # type: ignore[union-attr]
-        feat = self._featurizer(self.image)
-
-        def encode(values):
-            batch = feat.collate([feat.load(v, manifest.root) for v in values])
-            return encoder(batch).sequence.flatten(1)
-
-        values = manifest.frame[self.image].tolist()
-        grid = self.cache.features(encoder, feat.modality, values, manifest.root, encode,
-                                   batch_size=self.fit_config.batch_size, progress=progress,
-                                   kind="grid", dim=self.config.grid * encoder.output_dim)  # type: ignore[union-attr]  # fmt: skip
-        return {self.image: grid}
+        dim = self.config.grid * self.model.encoder(self.image).output_dim  # type: ignore[union-attr]
+        return {self.image: self._column_features(manifest, self.image, progress, "grid", dim)}
 
     def _assets(self) -> dict[str, Any]:
         return {VOCAB_ASSET: self.vocab.to_dict()}  # type: ignore[union-attr]
 
     def _restore(self, bundle) -> None:
         self.vocab = WordVocab.from_dict(bundle.asset(VOCAB_ASSET))
-
-    def predict_proba(self, *args, **kwargs):
-        raise ValueError("a captioning model writes captions: use caption(), `modalforge "
-                         "caption`, or /v1/caption and /v1/chat/completions")  # fmt: skip
-
-    predict = predict_proba
 
     # -- captions ---------------------------------------------------------------------------
     @torch.no_grad()
@@ -203,8 +200,8 @@ class CaptionPredictor(MultimodalPredictor):
         cached = self._cached_features(manifest)
         if cached:
             return cached[self.image][0].view(len(manifest), self.config.grid, -1).mean(1)  # type: ignore[union-attr]
-        encoder = self._require_model().eval().encoder(self.image)
-        return torch.cat([encoder(batch).pooled for batch in self._image_batches(manifest)])
+        self._require_model().eval()
+        return self._encoded(manifest, self.image)
 
     def _image_batches(self, manifest: Manifest):
         """Collated batches of the image column, decoded as in training."""
@@ -332,4 +329,70 @@ def _examples(path: Path, manifest: Manifest, image: str, caption: str,
     return path
 
 
-__all__ = ["CaptionPredictor", "caption_words", "detokenize"]
+def from_options(options, encoders, fit: FitConfig, schema) -> CaptionPredictor:
+    """``modalforge train --task caption``'s options -> a predictor."""
+    if not options.caption:
+        raise ValueError("--task caption needs the caption column (--caption)")
+    image = (options.columns or ["image"])[0]
+    spec = encoders.get(image) or encoders.get("image") or DEFAULT_ENCODER
+    return CaptionPredictor(image, options.caption, spec, decoder=options.decoder,
+                            decoder_dim=options.decoder_dim, layers=options.decoder_layers,
+                            dropout=options.decoder_dropout, fit_config=fit,
+                            cache_dir=options.cache_dir, schema=schema,
+                            on_bad_row=options.on_bad_row)  # fmt: skip
+
+
+class CaptionServing(ServingAdapter):
+    """``/v1/caption`` and ``/v1/chat/completions``: each image's caption, decoded as the request
+    asks (``DecodeOptions``)."""
+
+    options_type = DecodeOptions
+
+    def encoders(self) -> dict[str, Any]:
+        config = self.predictor.config
+        return {config.image: config.encoder}
+
+    def card_extra(self) -> dict[str, Any]:
+        config = self.predictor.config
+        return {"decoder": config.decoder, "max_tokens": config.max_length - 1}
+
+    @property
+    def max_length(self) -> int:
+        return int(self.predictor.config.max_length)
+
+    def chat_fields(self, question: str, image: bytes, options: dict[str, Any]) -> dict[str, Any]:
+        """A chat message's image (its text is the prompt, counted, not conditioned on: the
+        captioner reads the image only) -> the request fields."""
+        return {self.engine.inputs[0].name: image, OPTIONS: options}
+
+    def chat_text(self, result: dict[str, Any]) -> str:
+        return result["caption"]
+
+    def predict(self, samples: list) -> list[dict[str, Any]]:
+        """Each image's caption: the encoder once over the batch (in tuned chunks), then the
+        decoder per group of requests that asked for the same decoding."""
+        engine = self.engine
+        column = engine.inputs[0]
+        rows = list(range(len(samples)))
+        memory = [None] * len(samples)
+        for chunk in engine.chunks(column, rows, samples):
+            batch = engine.featurizers[column.name].collate([samples[i].values[column.name]
+                                                             for i in chunk])  # fmt: skip
+            for i, m in zip(chunk, engine.model.memory(inputs=engine.to_device(batch)),
+                            strict=True):  # fmt: skip
+                memory[i] = m
+        groups: dict[tuple, list[int]] = {}
+        for i, s in enumerate(samples):
+            groups.setdefault(tuple(sorted((s.options or {}).items())), []).append(i)
+        out: list[dict[str, Any]] = [{} for _ in samples]
+        for key, members in groups.items():
+            options = DecodeOptions(**{"max_length": self.max_length, **dict(key)})
+            texts = self.predictor.captions_from_memory(torch.stack([memory[i] for i in members]),
+                                                        options, model=engine.model)  # fmt: skip
+            for i, text in zip(members, texts, strict=True):
+                out[i] = {"caption": text, "modalities": [column.name],
+                          "decoding": {"method": options.method}}  # fmt: skip
+        return out
+
+
+__all__ = ["CaptionPredictor", "CaptionServing", "caption_words", "detokenize", "from_options"]

@@ -25,8 +25,10 @@ import torch
 from modalforge.data.manifest import Manifest, is_missing
 from modalforge.models import EncoderSpec
 from modalforge.models.contrastive import ContrastiveConfig, build_contrastive
-from modalforge.predictor import FitConfig, MultimodalPredictor
 from modalforge.schema import Modality
+from modalforge.tasks.base import FitConfig, TaskPredictor
+from modalforge.tasks.serving import ServingAdapter
+from modalforge.train.module import ContrastiveModule
 
 #: zero-shot prompts, CLIP-style: the class name in a few sentences, embeddings averaged
 DEFAULT_TEMPLATES = ("{}", "an emoji of {}", "a picture of {}", "an icon of {}")
@@ -48,7 +50,12 @@ def parse_pairs(values: str | list[str] | list[tuple[str, str]]) -> list[tuple[s
     return pairs
 
 
-class ContrastivePredictor(MultimodalPredictor):
+class ContrastivePredictor(TaskPredictor):
+    instead_of_predict = (
+        "a contrastive model embeds, it does not predict a label: use embed(), "
+        "`modalforge index build` + `modalforge search`, or /v1/embeddings"
+    )
+
     def __init__(
         self,
         pairs: str | list[str] | list[tuple[str, str]],
@@ -75,8 +82,9 @@ class ContrastivePredictor(MultimodalPredictor):
 
     @classmethod
     def from_config(
-        cls, config: dict[str, Any], label: str | None = None, cache_dir=None
-    ) -> ContrastivePredictor:
+        cls, config: dict[str, Any], label: str | None = None, task: str = "contrastive",
+        cache_dir=None,
+    ) -> ContrastivePredictor:  # fmt: skip
         parsed = ContrastiveConfig.from_dict(config)
         predictor = cls(parsed.pairs, label=label, embed_dim=parsed.embed_dim,
                         projection=parsed.projection, dropout=parsed.dropout,
@@ -107,20 +115,10 @@ class ContrastivePredictor(MultimodalPredictor):
         return build_contrastive(self.config)  # type: ignore[arg-type]
 
     def _module(self, class_weights):
-        from modalforge.train.module import ContrastiveModule
-
         return ContrastiveModule(self.model, self.fit_config.optim)
 
-    def _targets(self, manifest: Manifest) -> None:
-        return None
-
-    def predict_proba(self, *args, **kwargs):
-        raise ValueError(
-            "a contrastive model embeds, it does not predict a label: use embed(), "
-            "`modalforge index build` + `modalforge search`, or /v1/embeddings"
-        )
-
-    predict = predict_proba
+    def _monitor(self) -> str:
+        return self.fit_config.monitor
 
     # -- embeddings -------------------------------------------------------------------------
     @torch.no_grad()
@@ -137,21 +135,10 @@ class ContrastivePredictor(MultimodalPredictor):
             data = pd.DataFrame({column: data})
         manifest = self._manifest(data, root)
         model.eval()
-        encoder = model.encoder(column)
         values = manifest.frame[column].tolist() if column in manifest.frame else []
         values += [None] * (len(manifest) - len(values))
         present = np.array([not is_missing(v) for v in values], dtype=bool)
-        if encoder.frozen:
-            pooled, _ = self._cached_features(manifest, progress, columns=[column])[column]
-        else:
-            feat = self._featurizer(column)
-            chunks = []
-            size = self.fit_config.batch_size
-            for start in range(0, len(values), size):
-                items = [feat.placeholder() if is_missing(v) else feat.load(v, manifest.root)
-                         for v in values[start : start + size]]  # fmt: skip
-                chunks.append(encoder(feat.collate(items)).pooled)
-            pooled = torch.cat(chunks) if chunks else torch.zeros(0, encoder.output_dim)
+        pooled = self._encoded(manifest, column, progress)
         out = model.project(column, pooled.float()).numpy().astype(np.float32)
         out[~present] = 0.0
         return out, present
@@ -264,3 +251,49 @@ def _accuracy_f1(y: np.ndarray, pred: np.ndarray, classes: int) -> dict[str, flo
                                        zero_division=0)),
             "rows": len(y), "classes": classes,
             "chance": float(np.bincount(y, minlength=classes).max() / max(1, len(y)))}  # fmt: skip
+
+
+def from_options(options, encoders, fit: FitConfig, schema) -> ContrastivePredictor:
+    """``modalforge train --task contrastive``'s options -> a predictor."""
+    return ContrastivePredictor(options.pairs or [], label=options.label, encoders=encoders,
+                                schema=schema, embed_dim=options.embed_dim,
+                                projection=options.projection,
+                                dropout=options.projection_dropout, fit_config=fit,
+                                cache_dir=options.cache_dir,
+                                on_bad_row=options.on_bad_row)  # fmt: skip
+
+
+class EmbeddingServing(ServingAdapter):
+    """``/v1/embeddings`` and ``/v1/search``: each given input's unit-length embedding (its tower
+    and projection)."""
+
+    @property
+    def embedding_dim(self) -> int:
+        return int(self.predictor.config.embed_dim)
+
+    def card_extra(self) -> dict[str, Any]:
+        return {"pairs": [f"{a}:{b}" for a, b in self.predictor.pairs],
+                "embedding_dim": self.embedding_dim}  # fmt: skip
+
+    def embeddings(self, samples: list) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """Per tower: the embeddings ``(B, D)`` of every sample (zeros where the input is
+        missing) and the presence ``(B,)``."""
+        feats, mask = self.engine.features(samples)
+        model = self.engine.model
+        vectors = {c: (model.project(c, f) * mask[c][:, None]).float().cpu().numpy()
+                   for c, f in feats.items()}  # fmt: skip
+        return vectors, {c: m.cpu().numpy() for c, m in mask.items()}
+
+    def outputs(self, samples: list) -> np.ndarray:
+        """Every tower's embedding side by side (sorted columns), zeros where missing."""
+        vectors, _ = self.embeddings(samples)
+        return np.concatenate([vectors[c] for c in sorted(vectors)], axis=1)
+
+    def predict(self, samples: list) -> list[dict[str, Any]]:
+        vectors, present = self.embeddings(samples)
+        out = []
+        for i in range(len(samples)):
+            used = [c for c in present if present[c][i]]
+            out.append({"embeddings": {c: vectors[c][i].tolist() for c in used},
+                        "modalities": used})  # fmt: skip
+        return out

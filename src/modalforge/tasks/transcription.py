@@ -36,10 +36,7 @@ their own and joined with spaces.
 
 from __future__ import annotations
 
-import csv
 import json
-import math
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -57,7 +54,9 @@ from modalforge.data.audio import (
     load_audio,
     resample,
 )
+from modalforge.data.dataset import Featurizer
 from modalforge.data.errors import DecodeError
+from modalforge.data.manifest import is_missing
 from modalforge.encoders.pretrained.whisper import (
     SAMPLES_PER_FRAME,
     LoadedWhisper,
@@ -67,12 +66,13 @@ from modalforge.encoders.pretrained.whisper import (
     decode_batch,
     encode_clips,
     load_packaged_whisper_tiny_en,
-    normalize_words,
     suppressed_tokens,
     whisper_prompt,
-    word_error_rate,
 )
-from modalforge.schema import Schema
+from modalforge.evaluate.transcripts import word_edits
+from modalforge.progress import progress_bar
+from modalforge.schema import Column, Modality, Schema
+from modalforge.tasks.serving import MAX_AUDIO_SECONDS, ServingAdapter
 
 TASK = "transcribe"
 AUDIO_COLUMN = "audio"
@@ -89,8 +89,10 @@ PACKAGED: dict[str, Callable[[], LoadedWhisper]] = {
 
 
 @dataclass(frozen=True)
-class DecodingOptions:
-    """How a Whisper model turns audio into text; stored in the bundle's ``model_config``.
+class TranscriptionConfig:
+    """How a Whisper model turns audio into text (the transcriber's configuration, not a
+    request's decoding options: those are ``models.decoding.DecodeOptions``); stored in the
+    bundle's ``model_config["decoding"]``.
 
     prompt: the decoder's first tokens (start of transcript, language, task, no timestamps);
     suppress_tokens / suppress_tokens_begin: ids never produced / not produced first;
@@ -119,7 +121,7 @@ class DecodingOptions:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> DecodingOptions:
+    def from_dict(cls, data: Mapping[str, Any]) -> TranscriptionConfig:
         known = set(cls.__dataclass_fields__)
         unknown = sorted(set(data) - known)
         if unknown:
@@ -139,8 +141,8 @@ class Transcriber:
     """Whisper speech-to-text: waves or audio files in, transcripts out; saved as a bundle.
 
     ``model``: a transformers ``WhisperForConditionalGeneration``; ``tokenizer``: its
-    ``tokenizers.Tokenizer``; ``config_info``: :class:`DecodingOptions` or its dict. The model is
-    put in eval mode on ``device`` (default: CUDA when available, else the CPU)."""
+    ``tokenizers.Tokenizer``; ``config_info``: :class:`TranscriptionConfig` or its dict. The
+    model is put in eval mode on ``device`` (default: CUDA when available, else the CPU)."""
 
     task = TASK
 
@@ -148,15 +150,15 @@ class Transcriber:
         self,
         model: nn.Module,
         tokenizer: Any,
-        config_info: DecodingOptions | Mapping[str, Any],
+        config_info: TranscriptionConfig | Mapping[str, Any],
         *,
         weights_id: str | None = None,
         device: str | torch.device | None = None,
     ) -> None:
         self.options = (
             config_info
-            if isinstance(config_info, DecodingOptions)
-            else DecodingOptions.from_dict(config_info)
+            if isinstance(config_info, TranscriptionConfig)
+            else TranscriptionConfig.from_dict(config_info)
         )
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = model.to(self.device).eval()
@@ -180,12 +182,12 @@ class Transcriber:
         **options: Any,
     ) -> Transcriber:
         """A packaged Whisper (``PACKAGED``), converted once and cached. ``options`` override
-        :class:`DecodingOptions` fields (``window``, ``tail_seconds``, ``batch_size``)."""
+        :class:`TranscriptionConfig` fields (``window``, ``tail_seconds``, ``batch_size``)."""
         if name not in PACKAGED:
             raise ValueError(f"unknown packaged transcriber {name!r} (known: {sorted(PACKAGED)})")
         loaded = PACKAGED[name]()
         suppress, suppress_begin = suppressed_tokens(loaded.model_dir)
-        decoding = DecodingOptions(
+        decoding = TranscriptionConfig(
             prompt=tuple(whisper_prompt(loaded.model.config, loaded.tokenizer)),
             suppress_tokens=tuple(suppress),
             suppress_tokens_begin=tuple(suppress_begin),
@@ -251,14 +253,21 @@ class Transcriber:
     def load(cls, path: str | Path, device: str | torch.device | None = None) -> Transcriber:
         """Rebuild a transcriber from a bundle (every file verified by sha256). Needs only
         transformers and tokenizers, not the package the weights first came from."""
+        return cls.from_bundle(load_bundle(path), device=device)
+
+    @classmethod
+    def from_bundle(cls, bundle: Bundle, variant: str = "pytorch", cache_dir=None,
+                    device: str | torch.device | None = None) -> Transcriber:  # fmt: skip
+        """The transcriber of a loaded bundle (``modalforge.tasks.load``)."""
         from tokenizers import Tokenizer
         from transformers import WhisperConfig
 
-        bundle = load_bundle(path)
+        if variant != "pytorch":
+            raise BundleError(f"{bundle.path}: a speech-to-text bundle has no variant {variant!r}")
         if bundle.task != TASK:
             raise BundleError(
                 f"{bundle.path}: a {bundle.task!r} bundle, not a {TASK!r} one; "
-                "load it with MultimodalPredictor.load"
+                "load it with modalforge.tasks.load"
             )
         mc = bundle.model_config
         if mc.get("architecture") != ARCHITECTURE:
@@ -271,7 +280,7 @@ class Transcriber:
             tokenizer = Tokenizer.from_str(
                 json.dumps(bundle.asset(mc.get("tokenizer_asset", TOKENIZER_ASSET)))
             )
-            decoding = DecodingOptions.from_dict(mc["decoding"])
+            decoding = TranscriptionConfig.from_dict(mc["decoding"])
         except BundleError:
             raise
         except Exception as err:  # a config / tokenizer / options the libraries refuse
@@ -407,7 +416,7 @@ class Transcriber:
             for i in range(len(m)):
                 value, reference = m.frame[audio].iloc[i], m.frame[text].iloc[i]
                 try:
-                    if _missing(value) or _missing(reference):
+                    if is_missing(value) or is_missing(reference):
                         raise DecodeError("no audio or no reference")
                     wave = load_audio(m.resolve(value), cfg)
                 except (DecodeError, ValueError):
@@ -425,7 +434,7 @@ class Transcriber:
         prompt, losses = len(opts.prompt), []
         model.train()
         try:
-            with _progress(epochs * len(hidden), "fine-tuning", progress) as advance:
+            with progress_bar(epochs * len(hidden), "fine-tuning", progress) as advance:
                 for _ in range(epochs):
                     order = torch.randperm(len(hidden), generator=generator).tolist()
                     total = 0.0
@@ -457,95 +466,18 @@ class Transcriber:
         return {"rows": len(hidden), "skipped": skipped, "epochs": epochs, "loss": losses}
 
     # -- evaluation --------------------------------------------------------------------------
-    def evaluate(
-        self,
-        manifest: Any,
-        audio: str = AUDIO_COLUMN,
-        text: str = "text",
-        out_dir: str | Path | None = None,
-        progress: bool = True,
-        worst: int = 10,
-    ) -> dict[str, Any]:
-        """Word error rate on a manifest (CSV / JSONL / Parquet path or a ``Manifest``) with an
-        audio column (paths under the manifest's folder) and a reference ``text`` column.
+    def evaluate(self, manifest: Any, audio: str = AUDIO_COLUMN, text: str = "text",
+                 out_dir: str | Path | None = None, progress: bool = True,
+                 worst: int = 10) -> dict[str, Any]:  # fmt: skip
+        """Word error rate on a manifest with an audio column and a reference ``text`` column
+        (``modalforge.evaluate.transcripts.evaluate_transcriber``: corpus and per-row WER, the
+        worst rows, the rows that failed; with ``out_dir`` a report)."""
+        from modalforge.evaluate.transcripts import evaluate_transcriber
 
-        Returns ``wer`` (corpus: total word edits / total reference words, after
-        ``normalize_words``), ``mean_row_wer``, ``n`` (rows scored), ``edits``,
-        ``reference_words``, ``worst`` (the ``worst`` rows by WER), ``failed`` (rows whose audio
-        could not be decoded or that have no reference; not scored), ``audio_seconds``,
-        ``seconds`` and ``real_time_factor``. With ``out_dir``: ``metrics.json``,
-        ``report.md`` and ``transcripts.csv`` (every row) are written there."""
-        from modalforge.data.manifest import Manifest, read_manifest
-
-        m = manifest if isinstance(manifest, Manifest) else read_manifest(manifest)
-        name = str(m.path) if m.path is not None else "the manifest"
-        missing = [c for c in (audio, text) if c not in m.columns]
-        if missing:
-            raise ValueError(f"{name}: no column {missing} (columns: {m.columns})")
-        if len(m) == 0:
-            raise ValueError(f"{name}: no rows to evaluate")
-        start = time.perf_counter()
-        cfg = AudioConfig(sample_rate=SAMPLE_RATE, clip_seconds=None)
-        rows: list[dict[str, Any]] = []
-        failed: list[dict[str, Any]] = []
-        audio_seconds = 0.0
-        step = 4 * self.options.batch_size
-        with _progress(len(m), "transcribing", progress) as advance:
-            for first in range(0, len(m), step):
-                chunk, waves = [], []
-                for i in range(first, min(first + step, len(m))):
-                    value, reference = m.frame[audio].iloc[i], m.frame[text].iloc[i]
-                    where = f"{m.describe_row(i)}, {audio}={value!r}"
-                    try:
-                        if _missing(value):
-                            raise DecodeError("no audio")
-                        if _missing(reference):
-                            raise DecodeError(f"no reference text in column {text!r}")
-                        wave = load_audio(m.resolve(value), cfg)
-                    except (DecodeError, ValueError) as err:
-                        failed.append({"row": i, "audio": str(value), "error": f"{where}: {err}"})
-                        continue
-                    audio_seconds += len(wave) / SAMPLE_RATE
-                    chunk.append({"row": i, "audio": str(value), "reference": str(reference)})
-                    waves.append(wave)
-                for record, hypothesis in zip(chunk, self.transcribe(waves), strict=True):
-                    record.update(hypothesis=hypothesis, **word_edits(record["reference"],
-                                                                      hypothesis))  # fmt: skip
-                    rows.append(record)
-                advance(min(step, len(m) - first))
-        seconds = time.perf_counter() - start
-        edits = sum(r["edits"] for r in rows)
-        ref_words = sum(r["reference_words"] for r in rows)
-        metrics: dict[str, Any] = {
-            "wer": edits / ref_words if ref_words else None,
-            "mean_row_wer": float(np.mean([r["wer"] for r in rows])) if rows else None,
-            "n": len(rows),
-            "n_failed": len(failed),
-            "edits": edits,
-            "reference_words": ref_words,
-            "worst": sorted(rows, key=lambda r: (-r["wer"], r["row"]))[:worst],
-            "failed": failed,
-            "audio_seconds": round(audio_seconds, 3),
-            "seconds": round(seconds, 3),
-            "real_time_factor": round(seconds / audio_seconds, 4) if audio_seconds else None,
-            "model": self.weights_id,
-            "window": self.options.window,
-        }
-        if out_dir is not None:
-            write_evaluation(Path(out_dir), metrics, rows, name)
-        return metrics
+        return evaluate_transcriber(self, manifest, audio, text, out_dir, progress, worst)
 
 
 # -- helpers ---------------------------------------------------------------------------------
-
-
-def word_edits(reference: str, hypothesis: str) -> dict[str, Any]:
-    """``{"wer", "edits", "reference_words"}`` of one row, from ``word_error_rate`` (edits =
-    WER x reference words; an empty reference counts every hypothesis word as an insertion)."""
-    n_ref = len(normalize_words(reference))
-    wer = word_error_rate(reference, hypothesis)
-    edits = round(wer * n_ref) if n_ref else len(normalize_words(hypothesis))
-    return {"wer": wer, "edits": edits, "reference_words": n_ref}
 
 
 def split_long(wave: np.ndarray, limit: int) -> list[np.ndarray]:
@@ -562,53 +494,6 @@ def split_long(wave: np.ndarray, limit: int) -> list[np.ndarray]:
         wave = wave[cut:]
     pieces.append(wave)
     return pieces
-
-
-def write_evaluation(out_dir: Path, metrics: dict[str, Any], rows: list[dict[str, Any]],
-                     manifest_name: str) -> None:  # fmt: skip
-    """``metrics.json``, ``report.md`` and ``transcripts.csv`` under ``out_dir``."""
-    from modalforge.evaluate.document import Paragraph, Section, Table, to_markdown
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False) + "\n",
-                                          encoding="utf-8")  # fmt: skip
-    with (out_dir / "transcripts.csv").open("w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, ["row", "audio", "reference", "hypothesis", "wer", "edits",
-                                    "reference_words"])  # fmt: skip
-        writer.writeheader()
-        writer.writerows(sorted(rows, key=lambda r: r["row"]))
-
-    def num(x: float | None) -> str:
-        return "n/a" if x is None or not math.isfinite(x) else f"{x:.4f}"
-
-    summary = Table(["metric", "value"], [
-        ["corpus WER (edits / reference words)", num(metrics["wer"])],
-        ["mean per-row WER", num(metrics["mean_row_wer"])],
-        ["rows scored", str(metrics["n"])],
-        ["rows failed", str(metrics["n_failed"])],
-        ["word edits / reference words", f"{metrics['edits']} / {metrics['reference_words']}"],
-        ["audio seconds", f"{metrics['audio_seconds']:.1f}"],
-        ["real-time factor", num(metrics["real_time_factor"])],
-    ])  # fmt: skip
-    note = Paragraph(
-        f"{manifest_name}, model {metrics['model'] or 'whisper'}, window {metrics['window']}. "
-        "Words are compared after lower-casing, dropping punctuation and spelling out digits "
-        "0-10.",
-        note=True,
-    )
-    worst = Table(
-        ["row", "audio", "WER", "reference", "hypothesis"],
-        [
-            [str(r["row"]), r["audio"], num(r["wer"]), r["reference"], r["hypothesis"]]
-            for r in metrics["worst"]
-        ],
-    )
-    sections = [Section("Summary", [note, summary]), Section("Worst rows", [worst])]
-    if metrics["failed"]:
-        failed = Table(["row", "error"], [[str(r["row"]), r["error"]] for r in metrics["failed"]])
-        sections.append(Section("Rows not scored", [failed]))
-    (out_dir / "report.md").write_text(to_markdown("Transcription evaluation", sections),
-                                       encoding="utf-8")  # fmt: skip
 
 
 def _storage_dtype(state: Mapping[str, torch.Tensor]) -> torch.dtype:
@@ -628,29 +513,45 @@ def _describe_source(source: bytes | str | Path, index: int) -> str:
     return f"source {index} ({source})"
 
 
-def _missing(value: Any) -> bool:
-    from modalforge.data.manifest import is_missing
-
-    return is_missing(value)
+#: the old name of ``TranscriptionConfig`` (until modalforge 0.3)
+DecodingOptions = TranscriptionConfig
 
 
-class _progress:
-    """A rich progress bar over ``total`` rows (transient), or nothing when disabled."""
+class TranscriptionServing(ServingAdapter):
+    """``/v1/audio/transcriptions``: one audio input, a transcript per request; requests are
+    batched like any model's."""
 
-    def __init__(self, total: int, description: str, enabled: bool) -> None:
-        self.total, self.description, self.enabled = total, description, enabled
-        self._bar: Any = None
+    tunable = False
 
-    def __enter__(self) -> Callable[[int], None]:
-        if self.enabled:
-            from rich.progress import Progress
+    def inputs(self) -> list[Column]:
+        return list(self.engine.bundle.schema.inputs)
 
-            self._bar = Progress(transient=True)
-            self._bar.start()
-            task = self._bar.add_task(self.description, total=self.total)
-            return lambda n: self._bar.advance(task, n)
-        return lambda n: None
+    def featurizer(self, column: Column) -> Featurizer:
+        preprocessing = self.engine.bundle.model_config.get("preprocessing", {})
+        prep = dict(preprocessing.get(column.name, {}))
+        prep["max_seconds"] = min(float(prep.get("max_seconds", 30.0)), MAX_AUDIO_SECONDS)
+        prep["max_decode_seconds"] = prep["max_seconds"]
+        return Featurizer(Modality.AUDIO, prep)
 
-    def __exit__(self, *exc: object) -> None:
-        if self._bar is not None:
-            self._bar.stop()
+    def labels(self) -> list[str]:
+        return []
+
+    def card(self, base: dict[str, Any], serving: dict[str, Any]) -> dict[str, Any]:
+        bundle = self.engine.bundle
+        return {**base, "schema": bundle.schema.to_dict(), "metrics": bundle.metrics,
+                "serving": serving}  # fmt: skip
+
+    def predict(self, samples: list) -> list[dict[str, Any]]:
+        column = self.engine.inputs[0].name
+        texts = self.predictor.transcribe([s.values[column] for s in samples])
+        return [{"text": text, "modalities": [column]} for text in texts]
+
+
+__all__ = [
+    "DecodingOptions",
+    "Transcriber",
+    "TranscriptionConfig",
+    "TranscriptionServing",
+    "split_long",
+    "word_edits",
+]

@@ -15,17 +15,25 @@ Every question of an image keeps the image's ``group`` and ``split``, so an imag
 both sides of the split. The answers are one vocabulary: a VQA model is a classifier over
 (image, question) through the same trainer as any fusion (``--label answer``), scored per
 question type against answering each type's most common answer (``train --evaluate-by qtype``).
+
+Its bundles therefore say ``classification``; the registry's ``vqa`` entry claims those that read
+exactly one image and one text column (``answers_questions``), and ``VqaServing`` answers
+``/v1/chat/completions`` with the label for the message's text about its image.
 """
 
 from __future__ import annotations
 
 import collections
 import random
+from typing import Any
 
 import pandas as pd
 
 from modalforge.data.manifest import is_missing
 from modalforge.data.text import WordVocab
+from modalforge.errors import RequestError
+from modalforge.schema import Modality, Schema
+from modalforge.tasks.classification import ClassifierServing
 
 QUESTIONS = {
     "category": "what category is this emoji in?",
@@ -104,4 +112,35 @@ def vqa_manifest(
     return pd.DataFrame(out)
 
 
-__all__ = ["QUESTIONS", "vqa_manifest", "yes_no_words"]
+def question_columns(schema: Schema) -> tuple[str, str] | None:
+    """(image, question) columns of a schema whose inputs are exactly one image and one text."""
+    inputs = list(schema.inputs)
+    if sorted(c.modality.value for c in inputs) != ["image", "text"]:
+        return None
+    by_kind = {c.modality: c.name for c in inputs}
+    return by_kind[Modality.IMAGE], by_kind[Modality.TEXT]
+
+
+def answers_questions(schema: Schema) -> bool:
+    """Whether a classifier of this schema is a VQA model (the registry's claim)."""
+    return question_columns(schema) is not None
+
+
+class VqaServing(ClassifierServing):
+    """A classifier of (image, question): ``/v1/predict`` as any classifier, and
+    ``/v1/chat/completions`` answers the message's text about its image with the label."""
+
+    #: chat requests' decoding fields are checked against this budget, then unused
+    max_length = 24
+
+    def chat_fields(self, question: str, image: bytes, options: dict[str, Any]) -> dict[str, Any]:
+        if not question:
+            raise RequestError("a VQA model needs the question as a text part", param="messages")
+        image_column, text_column = question_columns(self.predictor.schema)  # type: ignore[misc]
+        return {image_column: image, text_column: question}
+
+    def chat_text(self, result: dict[str, Any]) -> str:
+        return result["label"]
+
+
+__all__ = ["QUESTIONS", "VqaServing", "answers_questions", "vqa_manifest", "yes_no_words"]

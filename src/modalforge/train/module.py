@@ -40,18 +40,20 @@ def focal_loss(logits: torch.Tensor, y: torch.Tensor, gamma: float, weight=None)
 
 
 class MultimodalModule(L.LightningModule):
-    """Batches: ``{"inputs", "mask", "features", "y"}`` (see ``train.data``)."""
+    """Batches: ``{"inputs", "mask", "features", "y"}`` (see ``data.dataset``). ``classify``:
+    class ids and cross-entropy / focal loss (and accuracy) -- else regression values and
+    MSE / Huber."""
 
     def __init__(
         self,
         model: MultimodalModel,
-        task: str,
+        classify: bool,
         optim: OptimConfig,
         class_weights: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         self.model = model
-        self.task = task
+        self.classify = classify
         self.optim = optim
         self.register_buffer("class_weights", class_weights, persistent=False)
 
@@ -62,7 +64,7 @@ class MultimodalModule(L.LightningModule):
         self, outputs: torch.Tensor, y: torch.Tensor, soft: torch.Tensor | None = None
     ) -> torch.Tensor:
         o = self.optim
-        if self.task == "classification":
+        if self.classify:
             if o.loss == "focal":
                 hard = focal_loss(outputs, y, o.focal_gamma, self.class_weights)
             else:
@@ -88,7 +90,7 @@ class MultimodalModule(L.LightningModule):
         self.log(
             f"{stage}_loss", loss, prog_bar=True, batch_size=size, on_epoch=True, on_step=False
         )
-        if self.task == "classification":
+        if self.classify:
             acc = (out.argmax(-1) == y).float().mean()
             self.log(
                 f"{stage}_acc", acc, prog_bar=True, batch_size=size, on_epoch=True, on_step=False
@@ -144,7 +146,7 @@ class ContrastiveModule(MultimodalModule):
     pairs and both directions -- what early stopping watches."""
 
     def __init__(self, model, optim: OptimConfig) -> None:
-        super().__init__(model, "contrastive", optim)
+        super().__init__(model, False, optim)
         self._val: list[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]] = []
 
     def validation_step(self, batch, batch_idx):
@@ -198,7 +200,7 @@ class CaptionModule(MultimodalModule):
     stopping watches -- is the plain per-token cross-entropy. Batches carry ``tokens``."""
 
     def __init__(self, model, optim: OptimConfig) -> None:
-        super().__init__(model, "caption", optim)
+        super().__init__(model, False, optim)
 
     def _step(self, batch: dict[str, Any], stage: str) -> torch.Tensor:
         from modalforge.models.caption import caption_loss

@@ -7,6 +7,7 @@ work; an interrupted build resumes where it stopped.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,8 +41,13 @@ def register_dataset(name: str, description: str):
     return wrap
 
 
+#: the built-in datasets, imported by name on first use: they register themselves
+BUILTINS = ("modalforge.data.catalog.avdigits", "modalforge.data.catalog.emoji")
+
+
 def _load_builtins() -> None:
-    from modalforge.data.catalog import avdigits, emoji  # noqa: F401  (registers)
+    for module in BUILTINS:
+        importlib.import_module(module)
 
 
 def list_datasets() -> list[DatasetInfo]:

@@ -1,5 +1,6 @@
-"""Requests of the generating routes, in OpenAI's shapes: ``/v1/chat/completions`` (an image in a
-user message -> its caption), ``/v1/caption`` and ``/v1/audio/transcriptions``.
+"""The generating routes, in OpenAI's shapes: ``/v1/chat/completions`` (an image in a user
+message -> its caption, or a VQA model's answer), ``/v1/caption`` and
+``/v1/audio/transcriptions``, each mounted for the models whose task can answer it.
 
 Decoding follows what a chat client asks for: ``temperature: 0`` is greedy search, another
 ``temperature`` or a ``top_p`` is nucleus sampling, neither is the model's default (beam search,
@@ -15,9 +16,25 @@ import time
 import uuid
 from typing import Any
 
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse
+
+from modalforge.errors import RequestError
 from modalforge.models.decoding import DecodeOptions
-from modalforge.serve.engine import RequestError
-from modalforge.serve.requests import decode_base64
+from modalforge.serve.context import Context
+from modalforge.serve.requests import (
+    JSON,
+    MULTIPART,
+    check_body,
+    decode_base64,
+    json_fields,
+    load_json,
+    media_type,
+    multipart_fields,
+)
+from modalforge.serve.routes.base import Route, needs, refused
+from modalforge.tasks.registry import CAPTION, CHAT, TRANSCRIBE
+from modalforge.tasks.serving import OPTIONS
 
 #: the decoding fields a /v1/caption body may carry, and their types
 CAPTION_OPTIONS = {
@@ -164,4 +181,110 @@ def chat_response(model: str, text: str, prompt_tokens: int) -> dict[str, Any]:
     }  # fmt: skip
 
 
-__all__ = ["chat_parts", "chat_response", "decoding_options", "image_bytes"]
+def mount_caption(app: FastAPI, ctx: Context) -> None:
+    columns, adapter = ctx.columns, ctx.engine.adapter
+
+    @app.post("/v1/caption", tags=["generate"], summary="A caption for an image")
+    async def caption(request: Request):
+        """JSON: the image column as base64 (or a data: URL) and optional decoding fields
+        (``method`` greedy | beam | sample, ``beam_width``, ``length_penalty``,
+        ``temperature``, ``top_p``, ``max_tokens``, ``seed``); or multipart with the image."""
+        with ctx.admission() as ticket:
+            body = await request.body()
+            mime = check_body(body, request.headers.get("content-type"))
+            options: dict[str, Any] = {}
+            if mime == JSON:
+                obj = load_json(body)
+                if not isinstance(obj, dict):
+                    raise RequestError("expected a JSON object with the image")
+                ctx.model_param(obj)
+                options = decoding_options(obj, adapter.max_length)
+                fields = json_fields(obj, columns)
+            else:
+                fields = multipart_fields(body, request.headers["content-type"], columns)
+            result = await ctx.result_of(ticket, {**fields, OPTIONS: options})
+            return JSONResponse(ctx.envelope(result))
+
+
+def mount_chat(app: FastAPI, ctx: Context) -> None:
+    engine, config, adapter = ctx.engine, ctx.config, ctx.engine.adapter
+
+    @app.post("/v1/chat/completions", tags=["generate"],
+              summary="OpenAI chat completions: an image in a message -> its caption")  # fmt: skip
+    async def chat(request: Request):
+        """A captioning bundle captions the last user message's ``image_url`` part (a ``data:``
+        URL); its text is the prompt (counted, not conditioned on: the captioner reads the image
+        only). ``temperature`` 0 -> greedy, other ``temperature`` / ``top_p`` -> sampling,
+        neither -> beam search. A classifier of one image and one text column (VQA) answers
+        the message's text about the image with its label. ``n`` is 1, no streaming."""
+        obj = await ctx.json_object(request, "messages")
+        ctx.model_param(obj)
+        if obj.pop("stream", False):
+            raise RequestError("streaming is not offered: send stream false", param="stream")
+        if obj.pop("n", 1) != 1:
+            raise RequestError("n: one completion per request", param="n")
+        for ignored in ("user", "metadata", "store"):
+            obj.pop(ignored, None)
+        texts, images = chat_parts(obj)
+        options = decoding_options(obj, adapter.max_length, chat=True)
+        if obj:
+            raise RequestError(f"unsupported field(s) {sorted(obj)}", param=sorted(obj)[0])
+        if len(images) != 1:
+            raise RequestError(f"the user message has {len(images)} images; this model reads "
+                               "one image_url part", param="messages")  # fmt: skip
+        where, url = images[0]
+        image = await image_bytes(url, where, config.allow_urls, round(config.max_body_mb * 2**20))
+        question = " ".join(t.strip() for t in texts).strip()
+        fields = adapter.chat_fields(question, image, options)
+        with ctx.admission() as ticket:
+            result = await ctx.result_of(ticket, fields)
+        prompt = len(question.split()) + 1  # the image counts as one
+        return JSONResponse(chat_response(engine.name, adapter.chat_text(result), prompt))
+
+
+def mount_transcriptions(app: FastAPI, ctx: Context) -> None:
+    engine = ctx.engine
+
+    @app.post("/v1/audio/transcriptions", tags=["generate"],
+              summary="OpenAI audio transcriptions: speech -> text")  # fmt: skip
+    async def transcriptions(request: Request):
+        """multipart/form-data with ``file`` (WAV, FLAC, OGG, MP3) and ``model``;
+        ``response_format`` json (default) or text. ``language``, ``prompt`` and
+        ``temperature`` are accepted and not used (greedy decoding of the bundle's model)."""
+        with ctx.admission() as ticket:
+            body = await request.body()
+            content_type = request.headers.get("content-type")
+            if check_body(body, content_type) != MULTIPART:
+                raise RequestError(f"send multipart/form-data with a 'file' part, not "
+                                   f"{media_type(content_type)}", status=415)  # fmt: skip
+            form = multipart_fields(body, content_type, {})
+            if "model" in form:
+                ctx.model_param({"model": form.pop("model").decode("utf-8", "replace")})
+            fmt = form.pop("response_format", b"json").decode("utf-8", "replace") or "json"
+            if fmt not in ("json", "text"):
+                raise RequestError("response_format: json or text", param="response_format")
+            for ignored in ("language", "prompt", "temperature"):
+                form.pop(ignored, None)
+            if "file" not in form:
+                raise RequestError("'file' (the audio) is required", param="file")
+            audio = form.pop("file")
+            if form:
+                raise RequestError(f"unknown field(s) {sorted(form)}", param=sorted(form)[0])
+            result = await ctx.result_of(ticket, {engine.inputs[0].name: audio})
+        if fmt == "text":
+            return PlainTextResponse(result["text"])
+        return JSONResponse({"text": result["text"]})
+
+
+ROUTES = (
+    Route("/v1/caption", needs(CAPTION), mount_caption,
+          refused("captions come from a captioning bundle (train --task caption)")),
+    Route("/v1/chat/completions", needs(CHAT), mount_chat,
+          refused("chat completions come from a captioning bundle (train --task caption) or a "
+                  "classifier of one image and one text (VQA)")),
+    Route("/v1/audio/transcriptions", needs(TRANSCRIBE), mount_transcriptions,
+          refused("transcripts come from a speech-to-text bundle (modalforge transcribe "
+                  "--save-bundle)")),
+)  # fmt: skip
+
+__all__ = ["ROUTES", "allowed", "chat_parts", "chat_response", "decoding_options", "image_bytes"]

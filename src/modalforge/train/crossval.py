@@ -1,0 +1,9 @@
+"""Moved: ``modalforge.experiments.crossval`` (issue 16: runs, sweeps, folds and ensembles sit above
+the tasks, the training loop below them). This name is an alias of that module until
+modalforge 0.3."""
+
+import sys
+
+from modalforge.experiments import crossval as _moved
+
+sys.modules[__name__] = _moved

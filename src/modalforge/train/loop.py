@@ -1,0 +1,112 @@
+"""The Lightning loop every task trains through: checkpoints (best and last), early stopping,
+``--resume``, CSV + TensorBoard logs, progress bars, mixed precision on CUDA.
+
+    history = fit_module(module, train_loader, val_loader, run_dir, settings, "val_acc", "max")
+
+Tasks build the LightningModule and the loaders; this module knows nothing about what they
+train.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True)
+class LoopSettings:
+    """The trainer's knobs (from ``FitConfig``)."""
+
+    epochs: int
+    patience: int
+    accelerator: str = "auto"
+    devices: Any = "auto"
+    strategy: str = "auto"
+    num_nodes: int = 1
+    precision: str | None = None  # None: 16-mixed on CUDA, 32 elsewhere
+
+
+def quiet_lightning() -> None:
+    """Lightning's start-up chatter (accelerator lines, tips) and two warnings that do not apply:
+    frozen encoders are meant to be in eval mode; the LeafSpec one is torch-internal."""
+    import logging
+    import warnings
+
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+    warnings.filterwarnings("ignore", message=r".*LeafSpec.*")
+
+
+def fit_module(
+    module,
+    train_loader,
+    val_loader,
+    run: Path,
+    settings: LoopSettings,
+    monitor: str,
+    mode: str,
+    resume: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train ``module`` (a LightningModule with a ``model``) and load its best checkpoint back
+    into it. Checkpoints go to ``run/checkpoints`` (``best.ckpt`` by ``monitor``, ``last.ckpt``
+    every epoch, which ``resume`` continues from). Returns the loop's part of the history:
+    epochs run, the epoch resumed from, the best checkpoint and score, the training time."""
+    import lightning as L
+
+    callbacks = [
+        L.pytorch.callbacks.ModelCheckpoint(
+            dirpath=run / "checkpoints", filename="best", monitor=monitor, mode=mode
+        ),
+        # Lightning's save_last only copies a checkpoint when the monitored one is saved; a
+        # resume needs the true last epoch, so a second, unmonitored checkpoint keeps it
+        L.pytorch.callbacks.ModelCheckpoint(
+            dirpath=run / "checkpoints", filename="last", save_top_k=1, enable_version_counter=False
+        ),
+        L.pytorch.callbacks.EarlyStopping(monitor=monitor, mode=mode, patience=settings.patience),
+    ]
+    if progress:
+        callbacks.append(L.pytorch.callbacks.RichProgressBar())
+    loggers = [L.pytorch.loggers.CSVLogger(run, name="logs", version="")]
+    with contextlib.suppress(ModuleNotFoundError):  # no tensorboard(X): CSV logs only
+        loggers.append(L.pytorch.loggers.TensorBoardLogger(run, name="tensorboard", version=""))
+    precision = settings.precision or ("16-mixed" if torch.cuda.is_available() else "32-true")
+    quiet_lightning()
+    trainer = L.Trainer(
+        max_epochs=settings.epochs, accelerator=settings.accelerator, devices=settings.devices,
+        strategy=settings.strategy, num_nodes=settings.num_nodes, precision=precision,
+        callbacks=callbacks, logger=loggers, enable_progress_bar=progress,
+        enable_model_summary=False, deterministic="warn", log_every_n_steps=5,
+        default_root_dir=run,
+    )  # fmt: skip
+    ckpt = run / "checkpoints" / "last.ckpt"
+    resumed_from = None
+    if resume and ckpt.is_file():
+        # our own checkpoint, written by this run's Lightning trainer
+        resumed_from = int(torch.load(ckpt, map_location="cpu", weights_only=False)["epoch"])
+    t0 = time.perf_counter()
+    trainer.fit(module, train_loader, val_loader,
+                ckpt_path=str(ckpt) if resumed_from is not None else None)  # fmt: skip
+    train_seconds = time.perf_counter() - t0
+    best = callbacks[0].best_model_path
+    if best:  # our own checkpoint
+        state = torch.load(best, map_location="cpu", weights_only=False)["state_dict"]
+        module.load_state_dict(state)
+    score = callbacks[0].best_model_score
+    return {
+        "epochs_run": int(trainer.current_epoch),
+        "resumed_from_epoch": resumed_from,
+        "best_checkpoint": best,
+        "best_score": None if score is None else float(score),
+        "monitor": monitor,
+        "train_seconds": round(train_seconds, 3),
+    }
+
+
+__all__ = ["LoopSettings", "fit_module", "quiet_lightning"]

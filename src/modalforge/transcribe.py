@@ -1,0 +1,8 @@
+"""Moved: ``modalforge.tasks.transcription`` (issue 16: one module per task). This name is an
+alias of that module until modalforge 0.3."""
+
+import sys
+
+from modalforge.tasks import transcription as _moved
+
+sys.modules[__name__] = _moved
