@@ -40,8 +40,6 @@ def export_bundle(
     from modalforge.bundle import load_bundle
     from modalforge.tasks import for_bundle
 
-    if quantize is not None and quantize not in SCHEMES:
-        raise ValueError(f"quantize must be one of {sorted(SCHEMES)}, not {quantize!r}")
     spec = for_bundle(load_bundle(bundle, verify=False))
     if not spec.can(ONNX):
         raise ValueError(f"{bundle}: a {spec.summary} bundle has no ONNX export")

@@ -116,7 +116,7 @@ def quantize_encoders(
     column, the options in order of preference -- passing candidates, fastest first, except that
     one within 5 % of the fastest wins if it is closer to fp32 -- ending with fp32 itself, and
     the per-column reports."""
-    from modalforge.export.quantize import choose_scheme
+    from modalforge.export.timing import choose_scheme
 
     def items(rows, column):
         out = []

