@@ -23,7 +23,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 #: lowest first; a layer's packages may import any lower layer, not a sibling
 LAYERS: list[tuple[str, ...]] = [
     ("", "schema", "errors", "progress", "bundle", "bundle_format", "index", "client",
-     "data", "encoders", "fusion", "models", "evaluate", "train"),
+     "data", "encoders", "fusion", "models", "evaluate", "train", "llm"),
     ("tasks",),
     ("experiments", "runtime"),
     ("serve", "export"),
