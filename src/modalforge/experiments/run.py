@@ -49,6 +49,9 @@ class RunOptions:
     decoder: str = "transformer"  # caption: transformer | gru (Show-Attend-Tell)
     decoder_layers: int = 2  # caption: transformer layers (width: decoder_dim)
     decoder_dropout: float = 0.3  # caption
+    # the task's own settings, passed to its options builder (chat: llm, image_tokens,
+    # stage1_epochs, lora, max_per_type, ...; see the task module's from_options)
+    task_options: dict[str, Any] = field(default_factory=dict)
     fusion: str = "concat"
     fusion_kwargs: dict[str, Any] = field(default_factory=dict)
     # column or modality -> encoder name, e.g. {"image": "efficientnet_lite0"}

@@ -29,7 +29,8 @@ from typing import Any
 PREDICT = "predict"  # /v1/predict answers with a label or value
 EMBED = "embed"  # /v1/embeddings, index build / search
 CAPTION = "caption"  # /v1/caption, modalforge caption
-CHAT = "chat"  # /v1/chat/completions
+CHAT = "chat"  # /v1/chat/completions (a captioner's or VQA model's one answer)
+LLM = "llm"  # an LLM: /v1/chat/completions with streaming and sampling, /v1/completions
 TRANSCRIBE = "transcribe"  # /v1/audio/transcriptions
 ONNX = "onnx"  # modalforge export --format onnx
 QUANTIZE = "quantize"  # export --quantize int8
@@ -118,6 +119,15 @@ TASKS: tuple[TaskSpec, ...] = (
         options="modalforge.tasks.caption:from_options",
         implied_by=("caption",),
         capabilities=frozenset({CAPTION, CHAT, ONNX}),
+    ),
+    TaskSpec(
+        name="chat",
+        summary="multimodal chat LLM",
+        predictor="modalforge.tasks.chat.predictor:ChatPredictor",
+        serving="modalforge.tasks.chat.serving:ChatServing",
+        config="modalforge.tasks.chat.model:ChatConfig",
+        options="modalforge.tasks.chat.predictor:from_options",
+        capabilities=frozenset({LLM}),
     ),
     TaskSpec(
         name="transcribe",

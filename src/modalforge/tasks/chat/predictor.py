@@ -27,6 +27,7 @@ from modalforge.llm.loader import LlmRef, load_llm
 from modalforge.llm.types import EmbedSpan, Prompt, SamplingParams
 from modalforge.schema import Modality, Schema
 from modalforge.tasks.base import default_cache_dir
+from modalforge.tasks.chat.data import Turn
 from modalforge.tasks.chat.format import AUDIO_MARK, IMAGE_MARK, ChatFormat, Encoded
 from modalforge.tasks.chat.model import ChatConfig, ChatModel
 from modalforge.tasks.chat.towers import Tower
@@ -36,12 +37,6 @@ TASK = "chat"
 SCHEMA = Schema.from_dict({"image": {"type": "image", "required": False},
                            "audio": {"type": "audio", "required": False},
                            "text": {"type": "text", "required": False}})  # fmt: skip
-
-
-@dataclass
-class Turn:
-    role: str  # system | user | assistant
-    text: str
 
 
 @dataclass
@@ -57,6 +52,9 @@ class ChatFitConfig:
     patience: int = 2
     precision: str | None = "bf16-mixed"  # None: 16-mixed on CUDA, 32 elsewhere
     lora: dict[str, Any] = field(default_factory=lambda: {"r": 16, "alpha": 32})
+    # most conversations of a question type per split to train / validate on (data.cap_per_type;
+    # "*": every other type), so a recipe sizes its epochs; None: all of them
+    max_per_type: dict[str, int] | None = None
     seed: int = 0
     num_workers: int = 0
 
@@ -87,6 +85,7 @@ class ChatPredictor:
         self.config.audio_dim = self.tower("audio").dim
         self.model = ChatModel(self.config, model, self.format.image_id, self.format.audio_id)
         self.history: dict[str, Any] = {}
+        self.test_manifest: list | None = None  # the held-out conversations after fit()
         self.bundle = None
         self._engine = None
 
@@ -105,7 +104,7 @@ class ChatPredictor:
                 raise ValueError(f"no {kind!r} tower (image or audio)")
         return self._towers[kind]
 
-    def _media_tokens(self, conversations, root: Path | None, progress: bool):
+    def _media_tokens(self, conversations, progress: bool):
         """{kind: {path: (tokens, dim) tensor}} for every image and clip the conversations use,
         through the feature cache."""
         from modalforge.data.cache import FeatureCache
@@ -118,7 +117,7 @@ class ChatPredictor:
             if not values:
                 out[kind] = {}
                 continue
-            tokens, _ = self.tower(kind).features(cache, values, root, progress,
+            tokens, _ = self.tower(kind).features(cache, values, None, progress,
                                                   self.fit_config.batch_size * 4)  # fmt: skip
             out[kind] = dict(zip(values, tokens, strict=True))
         return out
@@ -153,19 +152,23 @@ class ChatPredictor:
     # -- training -------------------------------------------------------------------------------
     def fit(self, data: str | Path, out_dir: str | Path | None = None, *, root=None,
             resume: bool = False, progress: bool = True) -> ChatPredictor:  # fmt: skip
-        """Train on the ``train`` conversations of ``data`` (LLaVA JSONL), early-stopping on
-        ``val``: stage 1 trains the projectors, stage 2 (``stage2_epochs`` > 0) adds LoRA."""
-        from modalforge.tasks.chat.data import read_conversations
+        """Train on the ``train`` conversations of ``data`` (LLaVA JSONL; media under ``root``,
+        default its folder), early-stopping on ``val``: stage 1 trains the projectors, stage 2
+        (``stage2_epochs`` > 0) adds LoRA."""
+        from modalforge.tasks.chat.data import cap_per_type, read_conversations
         from modalforge.train.loop import LoopSettings, fit_module
 
         torch.manual_seed(self.fit_config.seed)
         random.seed(self.fit_config.seed)
-        data = Path(data)
-        root = Path(root) if root is not None else data.parent
-        conversations = read_conversations(data, root)
+        conversations = read_conversations(data, root)  # media paths come back resolved
         parts = _split(conversations, self.fit_config.seed)
+        if self.fit_config.max_per_type:
+            for name in ("train", "val"):
+                parts[name] = cap_per_type(parts[name], self.fit_config.max_per_type,
+                                           self.fit_config.seed)  # fmt: skip
+        self.test_manifest = parts["test"]  # what train_run evaluates
         t0 = time.perf_counter()
-        media = self._media_tokens(parts["train"] + parts["val"], root, progress)
+        media = self._media_tokens(parts["train"] + parts["val"], progress)
         encode_seconds = time.perf_counter() - t0
         train = self._examples(parts["train"], media)
         val = self._examples(parts["val"], media)
@@ -236,6 +239,19 @@ class ChatPredictor:
 
         return load(path, variant=variant, cache_dir=cache_dir, kind=cls)
 
+    def evaluate(self, data, out_dir: str | Path | None = None, split: str | None = "test",
+                 root=None, progress: bool = True, **_ignored) -> dict[str, Any]:  # fmt: skip
+        """Scores per question type on ``data`` (conversations, or a JSONL of them whose
+        ``split`` rows are taken) -- see ``tasks.chat.evaluation``."""
+        from modalforge.tasks.chat.data import read_conversations
+        from modalforge.tasks.chat.evaluation import evaluate_chat
+
+        if isinstance(data, str | Path):
+            data = read_conversations(data, root)
+            if split is not None:
+                data = [c for c in data if c.split == split]
+        return evaluate_chat(self, list(data), out_dir, progress)
+
     def describe(self) -> dict[str, Any]:
         return {"task": TASK, "model": self.config.to_dict(), "fit": asdict(self.fit_config)}
 
@@ -285,6 +301,33 @@ class ChatPredictor:
         return self.engine().generate([prompt], params)[0].text.strip()
 
 
+def from_options(options, encoders, fit, schema) -> ChatPredictor:
+    """``modalforge train --task chat``'s options -> a predictor. The manifest is a LLaVA JSONL;
+    ``task_options`` holds the chat settings (``llm``, ``image_tokens``, ``audio_tokens``,
+    ``max_length``, ``system``, and ChatFitConfig's fields: ``stage1_epochs``, ``stage2_lr``,
+    ``lora``, ``max_per_type``, ...); ``batch_size``, ``seed``, ``patience``, ``precision`` and
+    ``encoders`` come from the common options."""
+    extra = dict(options.task_options or {})
+    model_keys = ("llm", "image_tokens", "audio_tokens", "max_length", "system")
+    model = {k: extra.pop(k) for k in model_keys if k in extra}
+    fit_keys = ChatFitConfig.__dataclass_fields__
+    unknown = sorted(set(extra) - set(fit_keys))
+    if unknown:
+        raise ValueError(f"task_options: unknown chat option(s) {unknown} (known: "
+                         f"{sorted([*model_keys, *fit_keys])})")  # fmt: skip
+    fit_config = ChatFitConfig(batch_size=options.batch_size, seed=options.seed,
+                               patience=options.patience, **extra)  # fmt: skip
+    if options.precision:
+        fit_config.precision = options.precision
+    image, audio = encoders.get("image"), encoders.get("audio")
+    kwargs: dict[str, Any] = {}
+    if image is not None:
+        kwargs |= {"image_encoder": image.name, "image_kwargs": image.kwargs}
+    if audio is not None:
+        kwargs["audio_encoder"] = audio.name
+    return ChatPredictor(**model, **kwargs, fit=fit_config, cache_dir=options.cache_dir)
+
+
 def _place_marks(turns: list[Turn], media: dict[str, Any]) -> None:
     """Put a missing ``<image>`` / ``<audio>`` mark in front of the first user turn."""
     users = [t for t in turns if t.role == "user"]
@@ -330,4 +373,4 @@ def _split(conversations, seed: int) -> dict[str, list]:
     return parts
 
 
-__all__ = ["ChatFitConfig", "ChatPredictor", "Turn"]
+__all__ = ["ChatFitConfig", "ChatPredictor", "Turn", "from_options"]
