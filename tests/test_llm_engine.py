@@ -14,7 +14,7 @@ from modalforge.llm.decoder import SlotDecoder
 from modalforge.llm.engine import LlmEngine
 from modalforge.llm.sampling import TextStream
 from modalforge.llm.types import EmbedSpan, Prompt, SamplingParams
-from tiny_llm import tiny_gemma, tiny_tokenizer
+from tests.tiny_llm import tiny_gemma, tiny_tokenizer
 
 GREEDY = SamplingParams(max_tokens=16, temperature=0)
 

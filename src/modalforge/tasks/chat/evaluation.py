@@ -79,9 +79,9 @@ def caption_scores(hypotheses: list[str], references: list[str]) -> dict[str, fl
     hyps = [" ".join(caption_words(h)) for h in hypotheses]
     refs = [[" ".join(caption_words(r))] for r in references]
     bleu = corpus_bleu(hyps, refs)
+    exact = sum(h == r[0] for h, r in zip(hyps, refs, strict=True)) / len(hyps)
     return {**{f"bleu{n + 1}": b for n, b in enumerate(bleu.bleu)},
-            "cider_d": cider_d(hyps, refs).score,
-            "exact": sum(h == r[0] for h, r in zip(hyps, refs, strict=True)) / len(hyps)}  # fmt: skip
+            "cider_d": cider_d(hyps, refs).score, "exact": exact}  # fmt: skip
 
 
 def speech_scores(hypotheses: list[str], references: list[str]) -> dict[str, float]:
@@ -160,9 +160,16 @@ def _write(out: Path, conversations, hyps, result, examples: int) -> None:
             text = f"accuracy {s['accuracy']:.3f}"
         lines.append(f"| {qtype} | {s['n']} | {text} |")
     ppl = result["perplexity"]
-    lines += ["", "Perplexity of the LLM on a fixed English passage: "
-              + ", ".join(f"{k.replace('_', ' ')} {v:.2f}" for k, v in ppl.items()), "",
-              "## Examples", "", "| type | question | reference | model |", "|---|---|---|---|"]
+    lines += [
+        "",
+        "Perplexity of the LLM on a fixed English passage: "
+        + ", ".join(f"{k.replace('_', ' ')} {v:.2f}" for k, v in ppl.items()),
+        "",
+        "## Examples",
+        "",
+        "| type | question | reference | model |",
+        "|---|---|---|---|",
+    ]
     shown: dict[str, int] = defaultdict(int)
     for c, h in zip(conversations, hyps, strict=True):
         if shown[c.qtype] < max(1, examples // 6):

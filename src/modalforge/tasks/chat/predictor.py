@@ -172,7 +172,11 @@ class ChatPredictor:
         encode_seconds = time.perf_counter() - t0
         train = self._examples(parts["train"], media)
         val = self._examples(parts["val"], media)
-        run = Path(out_dir) if out_dir is not None else Path("runs") / time.strftime("chat-%Y%m%d-%H%M%S")
+        run = (
+            Path(out_dir)
+            if out_dir is not None
+            else Path("runs") / time.strftime("chat-%Y%m%d-%H%M%S")
+        )
         run.mkdir(parents=True, exist_ok=True)
         cfg = self.fit_config
         stages = []
@@ -293,8 +297,14 @@ class ChatPredictor:
             spans.append(EmbedSpan(start, embeds.float(), f"{kind}:{key}"))
         return Prompt(encoded.ids, spans)
 
-    def reply(self, turns, image=None, audio=None, params: SamplingParams | None = None,
-              root: Path | None = None) -> str:
+    def reply(
+        self,
+        turns,
+        image=None,
+        audio=None,
+        params: SamplingParams | None = None,
+        root: Path | None = None,
+    ) -> str:
         """The assistant's next turn (greedy unless ``params`` say otherwise)."""
         prompt = self.prompt(turns, image, audio, root)
         params = params or SamplingParams(max_tokens=64, temperature=0.0)

@@ -41,7 +41,12 @@ class Tower:
         self._lock = threading.Lock()  # one forward at a time: the server calls from threads
 
     def load(self, value: Any, root: Path | None = None):
-        """Decode one image / clip (a path under ``root``, or bytes); raises DecodeError."""
+        """Decode one image / clip: bytes, a path under ``root``, or (no ``root``) a path the
+        caller vouches for (one the conversation reader resolved, one given on the command
+        line). Raises DecodeError."""
+        if root is None and not isinstance(value, bytes | bytearray):
+            path = Path(value)
+            root, value = path.parent, path.name
         return self.featurizer.load(value, root)
 
     @torch.no_grad()

@@ -1,0 +1,140 @@
+"""The chat task end to end on a tiny random Gemma-3 and tiny from-scratch towers: the chat
+format, training (both stages), the bundle (no LLM weights inside, the LLM checked by sha256),
+and answers through the engine."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from PIL import Image
+
+from modalforge import tasks
+from modalforge.llm.loader import load_llm
+from modalforge.llm.types import SamplingParams
+from modalforge.tasks.chat.data import Conversation, Turn, write_conversations
+from modalforge.tasks.chat.format import IGNORE, ChatFormat
+from modalforge.tasks.chat.predictor import ChatFitConfig, ChatPredictor
+from tests.tiny_llm import tiny_gemma, tiny_tokenizer
+
+COLORS = {"red": (230, 20, 20), "green": (20, 200, 20), "blue": (20, 20, 230)}
+TOWERS = dict(image_encoder="cnn", image_kwargs={"image_size": 32}, audio_encoder="audio_cnn",
+              image_tokens=4, audio_tokens=2)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def llm_dir(tmp_path_factory):
+    """The tiny LLM as a transformers folder, as a user's --llm PATH would be."""
+    folder = tmp_path_factory.mktemp("llm")
+    tiny_gemma(seed=0).save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def chat_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("chatdata")
+    for i, (name, rgb) in enumerate(COLORS.items()):
+        Image.new("RGB", (32, 32), rgb).save(root / f"{name}.png")
+        wave = 0.3 * np.sin(np.arange(8000) * (i + 1) * 0.07).astype("float32")
+        sf.write(root / f"{name}.wav", wave, 16000)
+    convs = []
+    for k in range(30):
+        name = list(COLORS)[k % 3]
+        split = "train" if k < 21 else ("val" if k < 27 else "test")
+        convs.append(Conversation(f"i{k}", root / f"{name}.png", None,
+                                  [Turn("user", "<image>\nwhat is this?"),
+                                   Turn("assistant", name)], split, "caption"))  # fmt: skip
+        convs.append(Conversation(f"a{k}", None, root / f"{name}.wav",
+                                  [Turn("user", "<audio>\nwhat is said?"),
+                                   Turn("assistant", name)], split, "speech"))  # fmt: skip
+    path = write_conversations(root / "chat.jsonl", convs)
+    return path
+
+
+def _predictor(llm_dir, tmp_path, **fit):
+    fit = ChatFitConfig(batch_size=6, precision="32-true", stage1_lr=3e-3, stage2_lr=3e-3,
+                        lora={"r": 4, "alpha": 8}, **fit)  # fmt: skip
+    return ChatPredictor(str(llm_dir), fit=fit, cache_dir=tmp_path / "cache", **TOWERS)
+
+
+def test_format_marks_answers_and_keeps_typed_control_tokens_as_text():
+    fmt = ChatFormat(tiny_tokenizer(), image_tokens=3, audio_tokens=2)
+    turns = [Turn("system", "be brief"), Turn("user", "<image>\nwhat? <unused0><start_of_turn>"),
+             Turn("assistant", "a dog"), Turn("user", "<audio> and?")]  # fmt: skip
+    enc = fmt.encode(turns, add_generation_prompt=True)
+    assert enc.ids.count(fmt.image_id) == 3 and enc.ids.count(fmt.audio_id) == 2  # typed one: text
+    assert enc.ids.count(fmt.start_id) == 4  # the typed <start_of_turn> is plain text too
+    assert [k for k, _ in enc.spans] == ["image", "audio"]
+    assert all(enc.ids[s] == fmt.image_id for k, s in enc.spans if k == "image")
+    answer = [i for i, label in zip(enc.ids, enc.labels, strict=True) if label != IGNORE]
+    assert fmt.tokenizer.decode(answer) == "a dog<end_of_turn>"
+    assert fmt.tokenizer.decode(enc.ids).endswith("<start_of_turn>model\n")
+
+
+def test_training_lowers_the_answer_loss_in_both_stages(llm_dir, chat_data, tmp_path):
+    chat = _predictor(llm_dir, tmp_path, stage1_epochs=3, stage2_epochs=3)
+    chat.fit(chat_data, out_dir=tmp_path / "run", progress=False)
+    stages = chat.history["stages"]
+    assert [s["stage"] for s in stages] == [1, 2]
+    first = _val_loss(tmp_path / "run" / "stage1")
+    assert first[-1] < first[0]  # the projectors learn
+    assert stages[1]["best_score"] < stages[0]["best_score"]  # LoRA lowers it further
+    assert chat.config.lora is not None and chat.test_manifest
+    # a checkpoint holds the trained parameters only, never the frozen LLM
+    ckpt = torch.load(tmp_path / "run/stage2/checkpoints/last.ckpt", weights_only=False)
+    names = set(ckpt["state_dict"])
+    assert names and all("lora_" in n or "_proj." in n for n in names)
+
+
+def _val_loss(run):
+    import csv
+
+    with open(run / "logs" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    return [float(r["val_loss"]) for r in rows if r.get("val_loss")]
+
+
+def test_bundle_round_trip_answers_the_same(llm_dir, chat_data, tmp_path):
+    chat = _predictor(llm_dir, tmp_path, stage1_epochs=1, stage2_epochs=1)
+    chat.fit(chat_data, out_dir=tmp_path / "run", progress=False)
+    image = chat_data.parent / "red.png"
+    params = SamplingParams(max_tokens=6, temperature=0.0)
+    before = chat.reply([Turn("user", "what is this?")], image=image, params=params)
+    bundle = chat.save(tmp_path / "bundle")
+    assert bundle.task == "chat"
+    assert bundle.model_config["llm"]["sha256"] == chat.ref.sha256
+    size = sum(p.stat().st_size for p in bundle.path.rglob("*") if p.is_file())
+    assert size < sum(p.stat().st_size for p in llm_dir.glob("*.safetensors"))  # no LLM inside
+    again = tasks.load(bundle.path)
+    assert isinstance(again, ChatPredictor) and again.config.lora == chat.config.lora
+    assert again.reply([Turn("user", "what is this?")], image=image, params=params) == before
+    assert tasks.for_bundle(bundle).can("llm")
+
+
+def test_a_bundle_refuses_a_different_llm(llm_dir, chat_data, tmp_path):
+    chat = _predictor(llm_dir, tmp_path, stage1_epochs=1, stage2_epochs=0)
+    chat.fit(chat_data, out_dir=tmp_path / "run", progress=False)
+    bundle = chat.save(tmp_path / "bundle")
+    other = tmp_path / "other-llm"
+    tiny_gemma(seed=1).save_pretrained(other)
+    tiny_tokenizer().save_pretrained(other)
+    with pytest.raises(ValueError, match="sha256"):
+        ChatPredictor.from_bundle(bundle, llm=str(other))
+
+
+def test_media_without_a_mark_goes_first_and_a_mark_without_media_is_refused(llm_dir, tmp_path,
+                                                                             chat_data):  # fmt: skip
+    chat = _predictor(llm_dir, tmp_path)
+    prompt = chat.prompt([Turn("user", "what is this?")], image=chat_data.parent / "red.png")
+    assert len(prompt.spans) == 1 and prompt.spans[0].embeds.shape == (4, 32)
+    assert prompt.token_ids[prompt.spans[0].start] == chat.format.image_id
+    with pytest.raises(ValueError, match="no audio"):
+        chat.prompt([Turn("user", "<audio> what is said?")])
+
+
+def test_load_llm_reads_a_folder_and_records_its_digest(llm_dir):
+    model, tokenizer, ref = load_llm(str(llm_dir))
+    assert ref.source == str(llm_dir) and len(ref.sha256) == 64
+    assert model.config.hidden_size == 32 and tokenizer.convert_tokens_to_ids("<end_of_turn>") == 5
