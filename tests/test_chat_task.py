@@ -138,3 +138,30 @@ def test_load_llm_reads_a_folder_and_records_its_digest(llm_dir):
     model, tokenizer, ref = load_llm(str(llm_dir))
     assert ref.source == str(llm_dir) and len(ref.sha256) == 64
     assert model.config.hidden_size == 32 and tokenizer.convert_tokens_to_ids("<end_of_turn>") == 5
+
+
+def test_evaluation_scores_every_question_type_and_writes_a_report(llm_dir, chat_data, tmp_path):
+    chat = _predictor(llm_dir, tmp_path, stage1_epochs=1, stage2_epochs=1)
+    chat.fit(chat_data, out_dir=tmp_path / "run", progress=False)
+    result = chat.evaluate(chat_data, out_dir=tmp_path / "report", progress=False)
+    assert result["rows"] == 6  # the test split: 3 caption + 3 speech conversations
+    assert set(result["scores"]) == {"caption", "speech"}
+    assert result["scores"]["caption"]["cider_d"] >= 0.0 and result["scores"]["speech"]["n"] == 3
+    ppl = result["perplexity"]
+    assert (
+        ppl["before_lora"] > 1 and ppl["after_lora"] > 1 and ppl["before_lora"] != ppl["after_lora"]
+    )
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert "| caption | 3 |" in report and "Perplexity" in report
+    lines = (tmp_path / "report" / "answers.jsonl").read_text().splitlines()
+    assert len(lines) == 6
+
+
+def test_caption_scoring_is_the_captioners():
+    from modalforge.tasks.chat.evaluation import caption_scores, normalize
+
+    same = caption_scores(["a red apple", "grinning face"], ["red apple", "grinning face"])
+    assert same["exact"] == 0.5 and same["cider_d"] > 0
+    perfect = caption_scores(["red apple", "grinning face"], ["Red Apple", "grinning face"])
+    assert perfect["exact"] == 1.0 and perfect["bleu1"] == 1.0
+    assert normalize(" Smileys & Emotion. ") == "smileys emotion"

@@ -50,7 +50,7 @@ def test_names_aliases_and_refinements():
     assert tasks.spec_for("contrastive", vqa).name == "contrastive"  # only classifiers refine
     assert tasks.get("vqa").can(CHAT) and not tasks.get("classification").can(CHAT)
     assert [s.name for s in tasks.with_capability(EMBED)] == ["contrastive"]
-    assert tasks.trainable() == ["classification", "regression", "contrastive", "caption"]
+    assert tasks.trainable() == ["classification", "regression", "contrastive", "caption", "chat"]
 
 
 def test_options_imply_their_task():

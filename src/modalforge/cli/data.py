@@ -125,6 +125,38 @@ def data_vqa(
                   f"{frame['answer'].nunique()} answers")  # fmt: skip
 
 
+@data_app.command("chat")
+def data_chat(
+    dataset: Annotated[
+        Path, typer.Argument(help="A built dataset's folder (emoji, avdigits) or its manifest.")
+    ],
+    out: Annotated[
+        Path,
+        typer.Option(
+            "--out",
+            "-o",
+            help="The conversations to write (JSONL, LLaVA's format), next to or above the media.",
+        ),
+    ],
+    seed: Annotated[int, typer.Option(help="Seed of the distractors and phrasings.")] = 0,
+) -> None:
+    """Instruction conversations for the chat model from a built-in dataset: emoji -> "what is
+    this?" (the name), the VQA questions of `data vqa`, yes/no, "what is said in this clip?",
+    "do these match?" and two-turn samples; avdigits -> the digit shown, spoken, and whether they
+    agree. Each emoji's split is kept (a grouped split: no emoji on both sides)."""
+    from modalforge.data.manifest import ManifestError
+    from modalforge.tasks.chat.data import build_instructions
+
+    try:
+        table = build_instructions(dataset, out, seed=seed)
+    except (ManifestError, ValueError) as err:
+        fail(str(err))
+    total = sum(n for by_type in table.values() for n in by_type.values())
+    console.print(f"{out}: {total} conversations")
+    for split, by_type in table.items():
+        console.print(f"  {split}: " + ", ".join(f"{q} {n}" for q, n in sorted(by_type.items())))
+
+
 @data_app.command("schema")
 def data_schema(
     manifest: Annotated[Path, typer.Argument(help="CSV, JSONL or Parquet manifest.")],

@@ -174,15 +174,26 @@ def evaluate(
         str | None,
         typer.Option(help="A column whose groups get their own accuracy (VQA: qtype)."),
     ] = None,
+    baseline: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Chat bundles: KIND=BUNDLE, a single-task model scored on the same "
+            "test questions in this run (caption=runs/caption/bundle, "
+            "vqa=runs/vqa/bundle, transcribe=packaged). Repeatable."
+        ),
+    ] = None,
 ) -> None:
-    """Evaluate a bundle on a manifest: metrics, modality ablation, report.md/.html with plots."""
+    """Evaluate a bundle on a manifest: metrics, modality ablation, report.md/.html with plots.
+    A chat bundle takes its conversations (JSONL) and is scored per question type."""
+    from modalforge import tasks
     from modalforge.bundle import BundleError
-    from modalforge.tasks.base import TaskPredictor
 
     try:
-        predictor = TaskPredictor.load(bundle)
-        result = predictor.evaluate(manifest, split=split, out_dir=out,
-                                    **({"by": by} if by else {}))  # fmt: skip
+        predictor = tasks.load(bundle)
+        extra = {"by": by} if by else {}
+        if baseline:
+            extra["baselines"] = _pairs(baseline, "--baseline")
+        result = predictor.evaluate(manifest, split=split, out_dir=out, **extra)
     except (BundleError, ValueError, FileNotFoundError) as err:
         fail(str(err))
     console.print(json.dumps(result["headline"], indent=2))

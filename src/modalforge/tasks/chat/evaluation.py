@@ -101,9 +101,11 @@ def perplexity(llm, tokenizer, text: str = PASSAGE) -> float:
 
 
 def evaluate_chat(predictor, conversations, out_dir: str | Path | None = None,
-                  progress: bool = True, examples: int = 12) -> dict[str, Any]:  # fmt: skip
-    """Scores per question type (and the perplexity check) on ``conversations``; with
-    ``out_dir``: ``metrics.json``, ``answers.jsonl`` (every answer) and ``report.md``."""
+                  progress: bool = True, examples: int = 12,
+                  baselines: dict[str, str] | None = None) -> dict[str, Any]:  # fmt: skip
+    """Scores per question type (and the perplexity check) on ``conversations``, and those of
+    the ``baselines`` bundles on the same questions (``compare``); with ``out_dir``:
+    ``metrics.json``, ``answers.jsonl`` (every answer) and ``report.md``."""
     if not conversations:
         raise ValueError("no conversations to evaluate")
     t0 = time.perf_counter()
@@ -133,8 +135,18 @@ def evaluate_chat(predictor, conversations, out_dir: str | Path | None = None,
         result["perplexity"] = {"before_lora": before, "after_lora": after}
     else:
         result["perplexity"] = {"llm": perplexity(predictor.model.llm, predictor.tokenizer)}
+    if baselines:
+        from modalforge.tasks.chat.compare import compare
+
+        result["baselines"] = compare(conversations, baselines, out_dir)
+    result["headline"] = {
+        (f"{qtype} cider_d" if "cider_d" in s else f"{qtype} wer" if "wer" in s
+         else f"{qtype} accuracy"): s.get("cider_d", s.get("wer", s.get("accuracy")))
+        for qtype, s in scores.items()
+    }  # fmt: skip
     if out_dir is not None:
         _write(Path(out_dir), conversations, hyps, result, examples)
+        result["report"] = str(Path(out_dir) / "report.md")
     return result
 
 
@@ -159,6 +171,7 @@ def _write(out: Path, conversations, hyps, result, examples: int) -> None:
         else:
             text = f"accuracy {s['accuracy']:.3f}"
         lines.append(f"| {qtype} | {s['n']} | {text} |")
+    lines += _comparison(result)
     ppl = result["perplexity"]
     lines += [
         "",
@@ -177,6 +190,33 @@ def _write(out: Path, conversations, hyps, result, examples: int) -> None:
             q = question_turns(c)[-1].text.replace("\n", " ").replace("|", "/")
             lines.append(f"| {c.qtype} | {q} | {c.answer} | {h.replace('|', '/')} |")
     atomic_write_bytes(out / "report.md", ("\n".join(lines) + "\n").encode())
+
+
+def _comparison(result) -> list[str]:
+    """The side-by-side table: the chat model and each single-task model on the same rows."""
+    base = result.get("baselines") or {}
+    if not base:
+        return []
+    scores = result["scores"]
+    lines = [
+        "",
+        "## Beside the single-task models (same questions, same run)",
+        "",
+        "| question type | metric | chat model | single-task model |",
+        "|---|---|---:|---:|",
+    ]
+    if "caption" in base and CAPTION in scores:
+        for name, s in base["caption"]["scores"].items():
+            lines.append(f"| caption | CIDEr-D (captioner: {name}) | "
+                         f"{scores[CAPTION]['cider_d']:.3f} | {s['cider_d']:.3f} |")  # fmt: skip
+    for qtype, acc in (base.get("vqa") or {}).get("accuracy", {}).items():
+        if qtype in scores:
+            lines.append(f"| {qtype} | accuracy (VQA model) | {scores[qtype]['accuracy']:.3f} | "
+                         f"{acc:.3f} |")  # fmt: skip
+    if "transcribe" in base and SPEECH in scores:
+        lines.append(f"| speech | WER (Whisper) | {scores[SPEECH]['wer']:.3f} | "
+                     f"{base['transcribe']['wer']:.3f} |")  # fmt: skip
+    return lines
 
 
 __all__ = ["PASSAGE", "answers", "caption_scores", "evaluate_chat", "normalize", "perplexity"]

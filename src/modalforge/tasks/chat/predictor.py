@@ -195,6 +195,8 @@ class ChatPredictor:
             stages.append({"stage": stage, "lr": lr, **loop})
         self.model.eval()
         self.history = {"stages": stages, "encode_seconds": round(encode_seconds, 3),
+                        "train_seconds": round(sum(s["train_seconds"] for s in stages), 3),
+                        "epochs_run": sum(s["epochs_run"] for s in stages),
                         "rows": {k: len(v) for k, v in parts.items()},
                         "fit": asdict(cfg)}  # fmt: skip
         (run / "history.json").write_text(json.dumps(self.history, indent=2, default=str))
@@ -244,9 +246,11 @@ class ChatPredictor:
         return load(path, variant=variant, cache_dir=cache_dir, kind=cls)
 
     def evaluate(self, data, out_dir: str | Path | None = None, split: str | None = "test",
-                 root=None, progress: bool = True, **_ignored) -> dict[str, Any]:  # fmt: skip
+                 root=None, progress: bool = True, baselines: dict[str, str] | None = None,
+                 **_ignored) -> dict[str, Any]:  # fmt: skip
         """Scores per question type on ``data`` (conversations, or a JSONL of them whose
-        ``split`` rows are taken) -- see ``tasks.chat.evaluation``."""
+        ``split`` rows are taken) -- see ``tasks.chat.evaluation`` -- and of the ``baselines``
+        (kind -> bundle: ``tasks.chat.compare``) on the same questions."""
         from modalforge.tasks.chat.data import read_conversations
         from modalforge.tasks.chat.evaluation import evaluate_chat
 
@@ -254,7 +258,7 @@ class ChatPredictor:
             data = read_conversations(data, root)
             if split is not None:
                 data = [c for c in data if c.split == split]
-        return evaluate_chat(self, list(data), out_dir, progress)
+        return evaluate_chat(self, list(data), out_dir, progress, baselines=baselines)
 
     def describe(self) -> dict[str, Any]:
         return {"task": TASK, "model": self.config.to_dict(), "fit": asdict(self.fit_config)}
