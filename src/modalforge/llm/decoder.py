@@ -21,6 +21,7 @@ the token embedding keeps its full-precision table for lookups.
 
 from __future__ import annotations
 
+import itertools
 import math
 import warnings
 
@@ -87,6 +88,12 @@ def quantize_int8(model: nn.Module) -> None:
         from torch.ao.quantization import quantize_dynamic
 
         quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8, inplace=True)
+    # What stays in full precision (the embedding table, the norms) may be views into the
+    # weights file's memory map (transformers loads safetensors lazily), which would keep the
+    # whole map, the replaced fp32 weights' pages included, resident. Own copies let it go.
+    with torch.no_grad():
+        for tensor in itertools.chain(model.parameters(), model.buffers()):
+            tensor.data = tensor.data.clone()
 
 
 class SlotDecoder:
@@ -110,12 +117,12 @@ class SlotDecoder:
         config = model.config
         if getattr(config, "use_bidirectional_attention", False):
             raise ValueError("bidirectional-attention Gemma-3 is not a causal decoder")
+        if quantize == "int8":
+            quantize_int8(model)
         inner = model.model
         self.embed_weight = inner.embed_tokens.weight.detach()
         # HF multiplies by a float32 scalar cast to the weight dtype; the same rounding here
         self.embed_scale = inner.embed_tokens.embed_scale.detach().to(self.embed_weight.dtype)
-        if quantize == "int8":
-            quantize_int8(model)
         self.device = self.embed_weight.device
         self.dtype = self.embed_weight.dtype
         self.config = config
