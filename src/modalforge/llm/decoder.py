@@ -21,6 +21,7 @@ weights are freed; the token embedding keeps its full-precision table for lookup
 
 from __future__ import annotations
 
+import gc
 import itertools
 import math
 import warnings
@@ -111,6 +112,7 @@ def quantize_int8(model: nn.Module) -> None:
     with torch.no_grad():
         for tensor in itertools.chain(model.parameters(), model.buffers()):
             tensor.data = tensor.data.clone()
+    gc.collect()  # the replaced Linear modules sit in reference cycles: free them now
 
 
 class SlotDecoder:
