@@ -43,7 +43,13 @@ def prompt(n: int, seed: int = 0) -> Prompt:
 # -- decoder ---------------------------------------------------------------------------------
 
 
-def test_decoder_matches_hf_past_the_sliding_window(model):
+@pytest.mark.parametrize("bias", [False, True])
+def test_decoder_matches_hf_past_the_sliding_window(bias):
+    model = tiny_gemma(attention_bias=bias)
+    if bias:  # HF initialises biases to zero: make them count
+        for layer in model.model.layers:
+            torch.nn.init.normal_(layer.self_attn.q_proj.bias)
+            torch.nn.init.normal_(layer.self_attn.v_proj.bias)
     ids = prompt(30).token_ids
     with torch.no_grad():
         ref = model(input_ids=torch.tensor([ids])).logits[0]

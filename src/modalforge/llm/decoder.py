@@ -4,8 +4,8 @@ The engine decodes many conversations at once, each at its own length, and joins
 between steps. transformers' generic cache and mask machinery is built for a rectangular batch
 that starts together, and its forward computes logits for every position it is given (the
 output matrix is 262,144 x 640, 63% of Gemma-3-270M's weights). So this module runs the same
-math itself over the HF model's weights (``Gemma3ForCausalLM``; the modules are reused, not
-copied) with:
+math itself over the HF model's weights (``Gemma3ForCausalLM``: its modules are reused, except
+that q / k / v and gate / up are fused into one matmul each, a copy of those weights) with:
 
 * a slot cache: one preallocated tensor ``[layers, 2 (k / v), slots, kv_heads, capacity,
   head_dim]`` plus a length per slot; capacity grows (doubling, up to ``max_len``) with the
@@ -15,18 +15,21 @@ copied) with:
   forward (attention masked to each slot's own length), return ``[B, vocab]`` logits.
 
 ``quantize="int8"`` swaps the model's Linear layers (the attention / MLP projections and the
-tied output matrix) for dynamically quantized ones, in place, so their fp32 weights are freed;
-the token embedding keeps its full-precision table for lookups.
+tied output matrix) and the fused ones for dynamically quantized ones, in place, so their fp32
+weights are freed; the token embedding keeps its full-precision table for lookups.
 """
 
 from __future__ import annotations
 
+import gc
+import itertools
 import math
 import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.activations import ACT2FN
 
 SLIDING = "sliding_attention"
 FULL = "full_attention"
@@ -55,16 +58,32 @@ class _Norm:
         return F.rms_norm(x.float(), self.scale.shape, self.scale, self.eps).to(x.dtype)
 
 
-class _Layer:
-    """One decoder layer's weights, looked up once so the hot loop does no attribute walks."""
+def _fuse(linears: list[nn.Linear]) -> nn.Linear:
+    """One Linear whose output is ``linears``' outputs side by side (a copy of their weights):
+    one matmul, and on the CPU one thread-pool handoff, instead of several."""
+    weight = torch.cat([m.weight.detach() for m in linears])
+    has_bias = linears[0].bias is not None
+    fused = nn.Linear(weight.shape[1], weight.shape[0], bias=has_bias, device="meta")
+    fused.weight = nn.Parameter(weight, requires_grad=False)
+    if has_bias:
+        bias = torch.cat([m.bias.detach() for m in linears])
+        fused.bias = nn.Parameter(bias, requires_grad=False)
+    return fused
 
-    def __init__(self, layer: nn.Module, layer_type: str):
+
+class _Layer:
+    """One decoder layer's weights, looked up once so the hot loop does no attribute walks.
+    q / k / v and gate / up run as one fused Linear each (``fused``: the pair from ``_fuse``)."""
+
+    def __init__(self, layer: nn.Module, layer_type: str, fused: nn.ModuleList):
         attn = layer.self_attn
-        self.sliding = layer_type == SLIDING
         self.layer_type = layer_type
-        self.q, self.k, self.v, self.o = attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj
+        self.qkv, self.gate_up = fused
+        self.qkv_sizes = [attn.q_proj.out_features, attn.k_proj.out_features,
+                          attn.v_proj.out_features]  # fmt: skip
+        self.mlp_sizes = [layer.mlp.gate_proj.out_features, layer.mlp.up_proj.out_features]
+        self.o, self.down = attn.o_proj, layer.mlp.down_proj
         self.q_norm, self.k_norm = _Norm(attn.q_norm), _Norm(attn.k_norm)
-        self.gate, self.up, self.down = layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj
         self.norms = [_Norm(getattr(layer, name)) for name in (
             "input_layernorm", "post_attention_layernorm",
             "pre_feedforward_layernorm", "post_feedforward_layernorm",
@@ -87,6 +106,13 @@ def quantize_int8(model: nn.Module) -> None:
         from torch.ao.quantization import quantize_dynamic
 
         quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8, inplace=True)
+    # What stays in full precision (the embedding table, the norms) may be views into the
+    # weights file's memory map (transformers loads safetensors lazily), which would keep the
+    # whole map, the replaced fp32 weights' pages included, resident. Own copies let it go.
+    with torch.no_grad():
+        for tensor in itertools.chain(model.parameters(), model.buffers()):
+            tensor.data = tensor.data.clone()
+    gc.collect()  # the replaced Linear modules sit in reference cycles: free them now
 
 
 class SlotDecoder:
@@ -111,11 +137,16 @@ class SlotDecoder:
         if getattr(config, "use_bidirectional_attention", False):
             raise ValueError("bidirectional-attention Gemma-3 is not a causal decoder")
         inner = model.model
+        fused = nn.ModuleList(
+            nn.ModuleList([_fuse([a.q_proj, a.k_proj, a.v_proj]), _fuse([m.gate_proj, m.up_proj])])
+            for a, m in ((layer.self_attn, layer.mlp) for layer in inner.layers)
+        )
+        if quantize == "int8":
+            quantize_int8(model)  # the HF model stays usable, int8 too
+            quantize_int8(fused)
         self.embed_weight = inner.embed_tokens.weight.detach()
         # HF multiplies by a float32 scalar cast to the weight dtype; the same rounding here
         self.embed_scale = inner.embed_tokens.embed_scale.detach().to(self.embed_weight.dtype)
-        if quantize == "int8":
-            quantize_int8(model)
         self.device = self.embed_weight.device
         self.dtype = self.embed_weight.dtype
         self.config = config
@@ -129,11 +160,11 @@ class SlotDecoder:
         self.attn_softcap = config.attn_logit_softcapping
         self.final_softcap = config.final_logit_softcapping
         self.layer_types = list(config.layer_types[: config.num_hidden_layers])
-        self.layers = [_Layer(m, t) for m, t in zip(inner.layers, self.layer_types, strict=True)]
+        self.layers = [
+            _Layer(m, t, f) for m, t, f in zip(inner.layers, self.layer_types, fused, strict=True)
+        ]
         self.final_norm = _Norm(inner.norm)
         self.lm_head = model.lm_head
-        from transformers.activations import ACT2FN
-
         self.act = ACT2FN[config.hidden_activation]
         rotary = inner.rotary_emb
         self.rope = {
@@ -223,10 +254,10 @@ class SlotDecoder:
         x = embeds.to(self.dtype)[None]  # [1, n, hidden]
         for i, layer in enumerate(self.layers):
             cos, sin = (t[start:end] for t in self.rope[layer.layer_type])
-            h = layer.norms[0](x)
-            q = layer.q_norm(layer.q(h).view(1, n, self.heads, self.head_dim)).transpose(1, 2)
-            k = layer.k_norm(layer.k(h).view(1, n, self.kv_heads, self.head_dim)).transpose(1, 2)
-            v = layer.v(h).view(1, n, self.kv_heads, self.head_dim).transpose(1, 2)
+            q, k, v = layer.qkv(layer.norms[0](x)).split(layer.qkv_sizes, dim=-1)
+            q = layer.q_norm(q.view(1, n, self.heads, self.head_dim)).transpose(1, 2)
+            k = layer.k_norm(k.view(1, n, self.kv_heads, self.head_dim)).transpose(1, 2)
+            v = v.view(1, n, self.kv_heads, self.head_dim).transpose(1, 2)
             q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
             self.kv[i, 0, slot, :, start:end] = k[0]
             self.kv[i, 1, slot, :, start:end] = v[0]
@@ -272,10 +303,10 @@ class SlotDecoder:
         x = embeds.to(self.dtype)  # [B, hidden]
         for i, layer in enumerate(self.layers):
             cos, sin = rope[layer.layer_type]
-            h = layer.norms[0](x)
-            q = layer.q_norm(layer.q(h).view(b, self.heads, self.head_dim))
-            k = layer.k_norm(layer.k(h).view(b, self.kv_heads, self.head_dim))
-            v = layer.v(h).view(b, self.kv_heads, self.head_dim)
+            q, k, v = layer.qkv(layer.norms[0](x)).split(layer.qkv_sizes, dim=-1)
+            q = layer.q_norm(q.view(b, self.heads, self.head_dim))
+            k = layer.k_norm(k.view(b, self.kv_heads, self.head_dim))
+            v = v.view(b, self.kv_heads, self.head_dim)
             q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
             self.kv[i, 0][slot_t, :, pos] = k.to(self.kv_dtype)
             self.kv[i, 1][slot_t, :, pos] = v.to(self.kv_dtype)
@@ -300,8 +331,8 @@ class SlotDecoder:
     def _finish_layer(self, layer: _Layer, x, attn_out) -> torch.Tensor:
         """o_proj, the residuals and the MLP: what follows attention in a Gemma-3 layer."""
         x = x + layer.norms[1](layer.o(attn_out))
-        h = layer.norms[2](x)
-        return x + layer.norms[3](layer.down(self.act(layer.gate(h)) * layer.up(h)))
+        gate, up = layer.gate_up(layer.norms[2](x)).split(layer.mlp_sizes, dim=-1)
+        return x + layer.norms[3](layer.down(self.act(gate) * up))
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.lm_head(self.final_norm(x))

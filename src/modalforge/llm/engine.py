@@ -209,9 +209,11 @@ class LlmEngine:
 
     ``max_slots`` sequences decode at once, each up to ``max_len`` positions (prompt and
     answer); admission also keeps the KV positions in use (``max_tokens_in_flight``) bounded.
-    ``prefix_cache_size`` is in tokens (0 turns the cache off). ``quantize="int8"`` swaps the
-    model's Linear layers for int8 ones in place (CPU). ``stop_token_ids`` defaults to the
-    tokenizer's eos and ``<end_of_turn>``; a request's own ``stop_token_ids`` add to them.
+    ``prefix_cache_size`` is in tokens (0 turns the cache off). ``prefill_chunk`` bounds the
+    prompt positions prefilled per step. ``quantize="int8"`` swaps the model's Linear layers
+    for int8 ones in place (CPU); ``kv_dtype`` defaults to the model's dtype.
+    ``stop_token_ids`` defaults to the tokenizer's eos and ``<end_of_turn>``; a request's own
+    ``stop_token_ids`` add to them. A completion's ``token_ids`` never include the stop token.
     """
 
     def __init__(
@@ -270,7 +272,9 @@ class LlmEngine:
         return gen
 
     def generate(
-        self, prompts: Sequence[Prompt], params: SamplingParams | Sequence[SamplingParams] = None
+        self,
+        prompts: Sequence[Prompt],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
     ) -> list[Completion]:
         """Submit every prompt (one params for all, or one each) and wait for all of them."""
         if params is None or isinstance(params, SamplingParams):
@@ -481,8 +485,8 @@ class LlmEngine:
         if seq.slot is None:
             return
         slot, seq.slot = seq.slot, None
-        if keep_kv and self.prefix_cache.capacity:
-            n = self.decoder.lengths[slot]
+        n = self.decoder.lengths[slot]
+        if keep_kv and 0 < n <= self.prefix_cache.capacity:
             self.prefix_cache.add(seq.keys[:n], self.decoder.read(slot))
         self.decoder.reset(slot)
         with self._cond:
