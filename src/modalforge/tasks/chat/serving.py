@@ -66,6 +66,18 @@ def quantize_setting(device: torch.device) -> str | None:
     return "int8" if device.type == "cpu" else None
 
 
+def max_context(predictor) -> int:
+    """Prompt + answer positions a sequence may use: the LLM's own limit, at most 2048."""
+    positions = getattr(predictor.model.llm.config, "max_position_embeddings", 2048)
+    return int(min(2048, positions or 2048))
+
+
+def engine_options(predictor, device: torch.device) -> dict[str, Any]:
+    """``LlmEngine`` options for serving / the ``chat`` command: the context, int8 or not."""
+    quantize = quantize_setting(device)
+    return {"max_len": max_context(predictor), **({"quantize": quantize} if quantize else {})}
+
+
 class ChatServing(ServingAdapter):
     """The chat task's serving half: optional image and audio inputs, no labels, one LLM
     engine shared by every request."""
@@ -116,9 +128,7 @@ class ChatServing(ServingAdapter):
     # -- the LLM engine -----------------------------------------------------------------------
     @property
     def max_context(self) -> int:
-        """Prompt + answer positions a sequence may use: the LLM's own limit, at most 2048."""
-        positions = getattr(self.predictor.model.llm.config, "max_position_embeddings", 2048)
-        return int(min(2048, positions or 2048))
+        return max_context(self.predictor)
 
     @property
     def llm(self):
@@ -126,10 +136,9 @@ class ChatServing(ServingAdapter):
         if self._llm is None:
             with self._lock:
                 if self._llm is None:
-                    options: dict[str, Any] = {"max_len": self.max_context}
-                    if self.quantize:
-                        options["quantize"] = self.quantize
-                    self._llm = self.predictor.engine(**options)
+                    self._llm = self.predictor.engine(
+                        **engine_options(self.predictor, self.engine.device)
+                    )
         return self._llm
 
     def close(self) -> None:
@@ -233,4 +242,5 @@ class ChatServing(ServingAdapter):
                 for c, kinds in zip(done, present, strict=True)]  # fmt: skip
 
 
-__all__ = ["QUANTIZE_ENV", "ChatServing", "Message", "Part", "quantize_setting"]
+__all__ = ["QUANTIZE_ENV", "ChatServing", "Message", "Part", "engine_options", "max_context",
+           "quantize_setting"]  # fmt: skip
