@@ -40,8 +40,9 @@ class Session:
             self.reset()
         self.media[kind] = tokens
 
-    def ask(self, question: str, out=sys.stdout) -> str:
-        """Stream the answer to ``out`` as it is decoded; it joins the conversation."""
+    def ask(self, question: str, out=None) -> str:
+        """Stream the answer to ``out`` (stdout) as it is decoded; it joins the conversation."""
+        out = out or sys.stdout
         from modalforge.tasks.chat.data import Turn
 
         turns = [*self.turns, Turn("user", question)]

@@ -50,7 +50,7 @@ class Llm:
 
     def _track(self, app: FastAPI) -> None:
         """LLM gauges on ``/metrics``: slots free / busy, requests waiting, cached tokens."""
-        from prometheus_client import Gauge
+        from prometheus_client import Counter, Gauge
 
         registry = app.state.metrics.registry
         for key, text in (("active", "Sequences decoding"), ("waiting", "Sequences queued"),
@@ -58,6 +58,15 @@ class Llm:
                           ("prefix_cache_tokens", "Tokens held by the prefix cache")):  # fmt: skip
             gauge = Gauge(f"modalforge_llm_{key}", text, registry=registry)
             gauge.set_function(lambda k=key: self.adapter.llm.stats()[k])
+        self.cancelled = Counter("modalforge_llm_cancelled", "Generations cancelled before they "
+                                 "finished (client gone, deadline)", registry=registry)  # fmt: skip
+
+    def cancel(self, gens: list) -> None:
+        """Cancel what is still running of ``gens`` (its slots are freed at the next step)."""
+        for gen in gens:
+            if not gen.done and not gen.cancel_requested:
+                gen.cancel()
+                self.cancelled.inc()
 
     @contextlib.contextmanager
     def admission(self):
@@ -108,8 +117,7 @@ class Llm:
             for p in params:
                 gens.append(llm.submit(prompt, p))
         except ValueError as err:  # what the engine refuses that we did not check first
-            for gen in gens:
-                gen.cancel()
+            self.cancel(gens)
             raise RequestError(str(err), 400) from None
         return gens
 
@@ -121,31 +129,30 @@ class Llm:
             async for _ in gen.aiter():
                 pass
 
-        tasks = [asyncio.ensure_future(finish(g)) for g in gens]
+        waiters = [asyncio.ensure_future(finish(g)) for g in gens]
         deadline = time.monotonic() + self.ctx.config.request_timeout_s
         try:
             while True:
-                done, _ = await asyncio.wait(tasks, timeout=DISCONNECT_POLL_S)
-                if len(done) == len(tasks):
+                done, _ = await asyncio.wait(waiters, timeout=DISCONNECT_POLL_S)
+                if len(done) == len(waiters):
                     break
                 if await request.is_disconnected():
                     raise RequestError("the client went away", 499)
                 if time.monotonic() > deadline:
                     raise RequestError(f"no result within {self.ctx.config.request_timeout_s:g}"
                                        " s", status=504, kind="timeout")  # fmt: skip
-            for task in tasks:
-                task.result()  # a failed generation raises here
+            for waiter in waiters:
+                waiter.result()  # a failed generation raises here
             return [g.result() for g in gens]
         finally:
-            for gen, task in zip(gens, tasks, strict=True):
-                if not gen.done:
-                    gen.cancel()
-                task.cancel()
+            self.cancel(gens)
+            for waiter in waiters:
+                waiter.cancel()
 
     async def stream(self, gens: list, chunk, final) -> AsyncIterator[str]:
         """Server-sent events: ``chunk(index, delta)`` for every delta of every generation as it
         comes, ``final(completions)`` (or None) last, then ``[DONE]``. The generations are
-        cancelled however this ends (a disconnect cancels the task iterating this)."""
+        cancelled however this ends (a disconnect cancels whatever iterates this)."""
         queue: asyncio.Queue = asyncio.Queue()
 
         async def pump(i: int, gen) -> None:
@@ -156,7 +163,7 @@ class Llm:
                 await queue.put((i, err))
             await queue.put((i, None))
 
-        tasks = [asyncio.ensure_future(pump(i, g)) for i, g in enumerate(gens)]
+        waiters = [asyncio.ensure_future(pump(i, g)) for i, g in enumerate(gens)]
         try:
             left = len(gens)
             while left:
@@ -183,10 +190,9 @@ class Llm:
                 yield _event(last)
             yield "data: [DONE]\n\n"
         finally:
-            for gen, task in zip(gens, tasks, strict=True):
-                if not gen.done:
-                    gen.cancel()
-                task.cancel()
+            self.cancel(gens)
+            for waiter in waiters:
+                waiter.cancel()
 
 
 def _event(body: dict[str, Any]) -> str:
@@ -318,8 +324,7 @@ def mount_completions(app: FastAPI, ctx: Context) -> None:
                     prompt = await llm.off_loop(llm.adapter.text_prompt, text, where)
                     gens += llm.submit(prompt, await llm.params(opts, len(prompt.token_ids)))
             except BaseException:
-                for gen in gens:
-                    gen.cancel()
+                llm.cancel(gens)
                 raise
             rid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
             head = {"id": rid, "object": "text_completion", "created": created,
