@@ -153,10 +153,12 @@ def test_an_answer_streams_in_and_shows_its_usage(page, stub):
     # every text the answer shows while it streams
     page.execute_script("""
         window.seen = [];
+        const log = document.querySelector('#chat-log');
         new MutationObserver(() => {
-          const a = [...document.querySelectorAll('#chat-log .msg.assistant .text')].pop();
-          if (a && a.textContent !== window.seen[window.seen.length - 1]) window.seen.push(a.textContent);
-        }).observe(document.querySelector('#chat-log'), {subtree: true, childList: true, characterData: true});
+          const a = [...log.querySelectorAll('.msg.assistant .text')].pop();
+          const text = a && a.textContent;
+          if (text && text !== window.seen[window.seen.length - 1]) window.seen.push(text);
+        }).observe(log, {subtree: true, childList: true, characterData: true});
     """)  # fmt: skip
     box.send_keys(Keys.ENTER)
     answer = settle(page, stub, before)
