@@ -16,7 +16,9 @@ written by ``python -m tests.golden.make_golden`` with the code before the refac
 
 What the refactor changed on purpose is applied to the captured values (``as_intended``) and
 listed there: renamed model_config keys and a message that names the registry. The one help
-text that changed (``train --task``, its choices now from the registry) was re-captured.
+text that changed (``train --task``, its choices now from the registry) was re-captured. Help
+texts re-captured since, for new commands and options: the chat task (issue 17: ``chat``,
+``data chat``, ``evaluate --baseline``, ``chat`` among ``train --task``'s choices).
 
 Regenerate (only with the code before the refactor, from the repository root):
 ``MODALFORGE_CACHE=$(mktemp -d) python -m tests.golden.make_golden``.
