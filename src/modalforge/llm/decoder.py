@@ -58,9 +58,10 @@ class _Norm:
         return F.rms_norm(x.float(), self.scale.shape, self.scale, self.eps).to(x.dtype)
 
 
-def _fuse(linears: list[nn.Linear]) -> nn.Linear:
+def _fuse(linears: list[nn.Linear], quantize: str | None) -> nn.Module:
     """One Linear whose output is ``linears``' outputs side by side (a copy of their weights):
-    one matmul, and on the CPU one thread-pool handoff, instead of several."""
+    one matmul, and on the CPU one thread-pool handoff, instead of several. Quantized here,
+    one at a time, so that no more than one fused fp32 copy is ever alive."""
     weight = torch.cat([m.weight.detach() for m in linears])
     has_bias = linears[0].bias is not None
     fused = nn.Linear(weight.shape[1], weight.shape[0], bias=has_bias, device="meta")
@@ -68,6 +69,10 @@ def _fuse(linears: list[nn.Linear]) -> nn.Linear:
     if has_bias:
         bias = torch.cat([m.bias.detach() for m in linears])
         fused.bias = nn.Parameter(bias, requires_grad=False)
+    if quantize == "int8":
+        holder = nn.ModuleList([fused])  # quantize_dynamic swaps children, not the root
+        quantize_int8(holder)
+        return holder[0]
     return fused
 
 
@@ -137,13 +142,13 @@ class SlotDecoder:
         if getattr(config, "use_bidirectional_attention", False):
             raise ValueError("bidirectional-attention Gemma-3 is not a causal decoder")
         inner = model.model
-        fused = nn.ModuleList(
-            nn.ModuleList([_fuse([a.q_proj, a.k_proj, a.v_proj]), _fuse([m.gate_proj, m.up_proj])])
-            for a, m in ((layer.self_attn, layer.mlp) for layer in inner.layers)
-        )
+        fused = nn.ModuleList()
+        for layer in inner.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            qkv = _fuse([attn.q_proj, attn.k_proj, attn.v_proj], quantize)
+            fused.append(nn.ModuleList([qkv, _fuse([mlp.gate_proj, mlp.up_proj], quantize)]))
         if quantize == "int8":
             quantize_int8(model)  # the HF model stays usable, int8 too
-            quantize_int8(fused)
         self.embed_weight = inner.embed_tokens.weight.detach()
         # HF multiplies by a float32 scalar cast to the weight dtype; the same rounding here
         self.embed_scale = inner.embed_tokens.embed_scale.detach().to(self.embed_weight.dtype)
