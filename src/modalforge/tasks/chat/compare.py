@@ -13,8 +13,7 @@ from typing import Any
 
 import pandas as pd
 
-from modalforge.tasks.chat.evaluation import CAPTION, SPEECH, question_turns
-
+CAPTION, SPEECH = "caption", "speech"  # the question types scored as captions / by WER
 VQA_PREFIX = "vqa-"
 
 
@@ -25,7 +24,7 @@ def _rows(conversations, qtype: str | None = None, prefix: str | None = None) ->
 
 
 def _question(c) -> str:
-    text = question_turns(c)[-1].text
+    text = c.question_turns[-1].text
     return text.replace("<image>", "").replace("<audio>", "").strip()
 
 

@@ -109,6 +109,12 @@ class Conversation:
         """The last assistant turn: what the sample is scored on."""
         return next(t.text for t in reversed(self.turns) if t.role == "assistant")
 
+    @property
+    def question_turns(self) -> list[Turn]:
+        """The turns before the last answer: what the model is asked when it is scored."""
+        last = max(i for i, t in enumerate(self.turns) if t.role == "assistant")
+        return self.turns[:last]
+
 
 @dataclass(frozen=True)
 class RowProblem:

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from modalforge.llm.types import SamplingParams
+from modalforge.tasks.chat.compare import CAPTION, SPEECH, compare
 
 #: a fixed passage of plain English (written for modalforge) for the perplexity check
 PASSAGE = (
@@ -32,20 +33,12 @@ PASSAGE = (
     "find work elsewhere. Today the bridge is still standing, and on market days the square is "
     "as busy as it ever was."
 )
-CAPTION, SPEECH = "caption", "speech"
 _PUNCT = re.compile(r"[^\w\s']")
 
 
 def normalize(text: str) -> str:
     """Lower case, punctuation removed, spaces collapsed (how short answers are compared)."""
     return " ".join(_PUNCT.sub(" ", text.lower()).split())
-
-
-def question_turns(conversation) -> list:
-    """The turns before the last answer (what the model is asked)."""
-    turns = list(conversation.turns)
-    last = max(i for i, t in enumerate(turns) if t.role == "assistant")
-    return turns[:last]
 
 
 @torch.no_grad()
@@ -65,7 +58,7 @@ def answers(predictor, conversations, max_tokens: int = 24, progress: bool = Tru
             for c in conversations[start : start + chunk]:
                 tokens = {kind: media[kind][str(getattr(c, kind))] for kind in ("image", "audio")
                           if getattr(c, kind) is not None}  # fmt: skip
-                prompts.append(predictor.prompt(question_turns(c), media_tokens=tokens))
+                prompts.append(predictor.prompt(c.question_turns, media_tokens=tokens))
             out += [r.text.strip() for r in engine.generate(prompts, params)]
             bar.advance(task, len(prompts))
     return out
@@ -136,8 +129,6 @@ def evaluate_chat(predictor, conversations, out_dir: str | Path | None = None,
     else:
         result["perplexity"] = {"llm": perplexity(predictor.model.llm, predictor.tokenizer)}
     if baselines:
-        from modalforge.tasks.chat.compare import compare
-
         result["baselines"] = compare(conversations, baselines, out_dir)
     result["headline"] = {
         (f"{qtype} cider_d" if "cider_d" in s else f"{qtype} wer" if "wer" in s
@@ -155,7 +146,7 @@ def _write(out: Path, conversations, hyps, result, examples: int) -> None:
 
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out / "metrics.json", json.dumps(result, indent=2).encode())
-    rows = [json.dumps({"id": c.id, "qtype": c.qtype, "question": question_turns(c)[-1].text,
+    rows = [json.dumps({"id": c.id, "qtype": c.qtype, "question": c.question_turns[-1].text,
                         "answer": c.answer, "model": h}) for c, h in zip(conversations, hyps,
                                                                           strict=True)]  # fmt: skip
     atomic_write_bytes(out / "answers.jsonl", ("\n".join(rows) + "\n").encode())
@@ -187,7 +178,7 @@ def _write(out: Path, conversations, hyps, result, examples: int) -> None:
     for c, h in zip(conversations, hyps, strict=True):
         if shown[c.qtype] < max(1, examples // 6):
             shown[c.qtype] += 1
-            q = question_turns(c)[-1].text.replace("\n", " ").replace("|", "/")
+            q = c.question_turns[-1].text.replace("\n", " ").replace("|", "/")
             lines.append(f"| {c.qtype} | {q} | {c.answer} | {h.replace('|', '/')} |")
     atomic_write_bytes(out / "report.md", ("\n".join(lines) + "\n").encode())
 
