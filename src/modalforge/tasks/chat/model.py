@@ -158,8 +158,10 @@ class ChatModel(nn.Module):
         return proj(tokens)
 
     # -- training -----------------------------------------------------------------------------
-    def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean cross-entropy over the answer tokens and the accuracy of their argmax."""
+    def loss(self, batch: dict[str, torch.Tensor],
+             skip_ids: tuple[int, ...] = ()) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """Mean cross-entropy over the answer tokens (but ``skip_ids``) and the accuracy of
+        their argmax."""
         ids, labels = batch["ids"], batch["labels"]
         embeds = self.input_embeddings(ids, batch.get("image"), batch.get("audio"))
         base = self.base_llm()
@@ -168,6 +170,8 @@ class ChatModel(nn.Module):
                          attention_mask=batch["attention_mask"]).last_hidden_state  # fmt: skip
         target = labels[:, 1:]
         where = target != IGNORE
+        for skip in skip_ids:
+            where &= target != skip
         chosen = hidden[:, :-1][where]  # (n, H): the positions that predict an answer token
         if chosen.shape[0] == 0:  # every answer was cut off: nothing to learn from this batch
             zero = hidden.sum() * 0.0

@@ -187,7 +187,12 @@ class ChatPredictor:
             if stage == 2 and self.config.lora is None:
                 self.model.add_lora(cfg.lora)
             steps = epochs * -(-len(train) // cfg.batch_size)
-            module = ChatModule(self.model, lr, cfg.weight_decay, total_steps=steps)
+            # the base model all but never predicts <end_of_turn> (-30 nats): left in stage 1's
+            # loss, that one token's gradient would drown what the projectors are to learn, and
+            # the frozen LLM cannot learn it anyway; LoRA learns to stop in stage 2
+            skip = (self.format.end_id,) if stage == 1 else ()
+            module = ChatModule(self.model, lr, cfg.weight_decay, total_steps=steps,
+                                skip_ids=skip)  # fmt: skip
             settings = LoopSettings(epochs=epochs, patience=cfg.patience, precision=cfg.precision)
             loop = fit_module(module, self._loader(train, True), self._loader(val, False),
                               run / f"stage{stage}", settings, "val_loss", "min", resume,

@@ -69,9 +69,10 @@ class ChatModule(L.LightningModule):
     projectors; with LoRA, the adapters too), cosine decay after a linear warm-up."""
 
     def __init__(self, model, lr: float, weight_decay: float = 0.0, warmup: float = 0.03,
-                 total_steps: int = 1) -> None:  # fmt: skip
+                 total_steps: int = 1, skip_ids: tuple[int, ...] = ()) -> None:  # fmt: skip
         super().__init__()
         self.model = model
+        self.skip_ids = skip_ids  # answer tokens left out of this stage's loss
         self.lr, self.weight_decay = lr, weight_decay
         self.warmup, self.total_steps = warmup, max(1, total_steps)
         self.strict_loading = False  # checkpoints hold the trained parameters only
@@ -94,7 +95,7 @@ class ChatModule(L.LightningModule):
         return super().load_state_dict(state_dict, strict=False, assign=assign)
 
     def _step(self, batch: dict[str, Any], stage: str) -> torch.Tensor:
-        loss, accuracy = self.model.loss(batch)
+        loss, accuracy = self.model.loss(batch, self.skip_ids)
         size = len(batch["index"])
         self.log(f"{stage}_loss", loss, prog_bar=True, batch_size=size, on_epoch=True,
                  on_step=stage == "train")  # fmt: skip
