@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 
 from modalforge import __version__
-from modalforge.cli import data, experiments, export, generate, index, models, serve, train
+from modalforge.cli import chat, data, experiments, export, generate, index, models, serve, train
 from modalforge.cli._common import console
 
 app = typer.Typer(
@@ -60,6 +60,7 @@ app.command()(export.bench)
 app.command()(serve.serve)
 app.command()(generate.caption)
 app.command()(generate.transcribe)
+app.command()(chat.chat)
 app.command()(index.search)
 
 
