@@ -79,6 +79,12 @@ QUESTIONS = (
     "Could you tell me what this image is and what it might be used for, in a short sentence "
     "or two, mentioning the colours you can see in it?",
 )
+OPENMP_NOTE = (
+    "llama.cpp's 2 threads meet at a barrier after every op; when another process holds one of "
+    "the 2 cores, each barrier waits for a scheduler slice and decoding collapses (15 -> 0.6 "
+    "tok/s seen here with one core busy elsewhere). A single thread has no barrier: its rate "
+    "is the anchor that a shared machine cannot wreck (it is not the 2-thread target's)."
+)
 #: a section during which other processes took more CPU cores than this is flagged "disturbed"
 DISTURBED_CORES = 0.25
 
@@ -269,8 +275,8 @@ def aggregate(engine, prompts: Prompts, args, out: dict) -> None:
         level: dict = {"streams": streams}
         wait_quiet(args.quiet_wait)
         with Conditions().section(level):
-            for rep in range(args.repeats + 1):  # the first is a warm-up at this batch size
-                jobs = [(prompts.text(rng.randint(32, 200)), rng.randint(64, 128))
+            for rep in range(args.repeats + 1):  # the first, short, warms this batch size up
+                jobs = [(prompts.text(rng.randint(32, 200)), rng.randint(64, 128) if rep else 8)
                         for _ in range(streams)]  # fmt: skip
                 t0 = time.perf_counter()
                 gens = [engine.submit(Prompt(ids), SamplingParams(max_tokens=m, temperature=0.0))
@@ -351,38 +357,36 @@ def text_ttft(engine, prompts: Prompts, length: int, repeats: int) -> float | No
 
 
 def profile_engine(engine, prompts: Prompts, out: dict, prefill_tokens: int) -> None:
-    """torch.profiler (which sees the engine's thread) over whole requests: a prefill alone
-    (``prefill_tokens`` positions, one token out: the TTFT path) and 48-token generations at
-    batch 1 and 8 (the decode step, a 100-token prefill each included). Ops by self CPU time,
-    grouped by input shape too (the 262,144-row ``lm_head`` stands out by its shape)."""
+    """torch.profiler over the engine's ``SlotDecoder`` driven from this thread while the engine
+    is idle (the profiler does not see the engine's own thread): one prefill of
+    ``prefill_tokens`` positions (the TTFT path), then 32 greedy decode steps at batch 1 and 8.
+    Ops by self CPU time, and grouped by input shape (the 262,144-row ``lm_head`` stands out)."""
+    import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from modalforge.llm.types import Prompt, SamplingParams
+    dec = engine.decoder
+    slots = list(range(8))  # idle engine: every slot is free
 
-    cases = (("prefill", 1, prefill_tokens, 1), ("decode_batch1", 1, 100, 48),
-             ("decode_batch8", 8, 100, 48))  # fmt: skip
-    for name, batch, length, steps in cases:
-        params = SamplingParams(max_tokens=steps, temperature=0.0)
+    def prefill(batch: int, length: int) -> list[int]:
+        tokens = []
+        for slot in slots[:batch]:
+            dec.reset(slot)
+            logits = dec.prefill(slot, dec.embed(prompts.text(length)))
+            tokens.append(int(logits.argmax()))
+        return tokens
 
-        def run(batch=batch, length=length, params=params):
-            gens = [engine.submit(Prompt(prompts.text(length)), params) for _ in range(batch)]
-            return [g.result() for g in gens]
+    def decode(tokens: list[int], steps: int) -> None:
+        for _ in range(steps):
+            logits = dec.decode(slots[: len(tokens)], dec.embed(tokens))
+            tokens = logits.argmax(-1).tolist()
 
-        run()  # warm at this size
-        t0 = time.perf_counter()
-        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
-            run()
-        wall = time.perf_counter() - t0
-        by_op: dict[str, float] = {}
-        for e in prof.key_averages():
-            by_op[e.key] = e.self_cpu_time_total / 1000
+    def summarize(prof, wall: float, steps: int) -> dict:
+        by_op = {e.key: e.self_cpu_time_total / 1000 for e in prof.key_averages()}
         shaped = sorted(prof.key_averages(group_by_input_shape=True),
                         key=lambda e: -e.self_cpu_time_total)[:12]  # fmt: skip
         total = sum(by_op.values())
-        out[name] = {
-            "streams": batch, "prompt_tokens": length, "new_tokens": steps,
-            "wall_ms": round(wall * 1000, 1),
-            "wall_ms_per_token": round(wall * 1000 / steps, 2) if steps > 1 else None,
+        return {
+            "wall_ms": round(wall * 1000, 1), "ms_per_step": round(wall * 1000 / steps, 2),
             "profiled_self_cpu_ms": round(total, 1),
             "by_op_ms": {k: round(v, 1) for k, v in sorted(by_op.items(), key=lambda kv: -kv[1])
                          [:15]},
@@ -390,7 +394,33 @@ def profile_engine(engine, prompts: Prompts, out: dict, prefill_tokens: int) -> 
                               "self_cpu_ms": round(e.self_cpu_time_total / 1000, 1)}
                              for e in shaped],
         }  # fmt: skip
-        print(f"    profiled {name}: {wall * 1000:.0f} ms wall, {total:.0f} ms of ops", flush=True)
+
+    with torch.inference_mode():
+        try:
+            prefill(1, prefill_tokens)  # warm-up
+            t0 = time.perf_counter()
+            with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+                prefill(1, prefill_tokens)
+            out["prefill"] = {"prompt_tokens": prefill_tokens,
+                              **summarize(prof, time.perf_counter() - t0, 1)}  # fmt: skip
+            for batch in (1, 8):
+                tokens = prefill(batch, 100)
+                decode(tokens, 4)  # warm-up at this batch size
+                t0 = time.perf_counter()
+                with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+                    decode(tokens, 32)
+                out[f"decode_batch{batch}"] = {
+                    "context": 100,
+                    **summarize(prof, time.perf_counter() - t0, 32),
+                }
+                print(
+                    f"    profiled decode at batch {batch}: "
+                    f"{out[f'decode_batch{batch}']['ms_per_step']:.1f} ms per step",
+                    flush=True,
+                )
+        finally:
+            for slot in slots:
+                dec.reset(slot)
 
 
 # --------------------------------------------------------------------------- workers
@@ -442,12 +472,19 @@ def worker_engine(args, quantize: str | None) -> dict:
             n = mm["first_turn"]["prompt_tokens"]
             mm["ours_text_ttft_same_tokens_s"] = text_ttft(engine, prompts, n, args.repeats)
             if not args.no_profile:
+                result["memory_before_profile"] = memory_report()  # profiling holds records
                 print("  profiling prefill and decode", flush=True)
                 try:
                     profile_engine(engine, prompts, result.setdefault("profile", {}), n)
                 except Exception as err:  # the profile is a diagnosis, not a measurement
                     result["profile"]["error"] = f"{type(err).__name__}: {err}"
         result["engine_stats"] = engine.stats()
+        if quantize == "int8":  # how much of the RSS is freed heap that glibc keeps
+            import ctypes
+
+            before = memory_report()["rss_mb"]
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+            result["rss_before_after_malloc_trim_mb"] = [before, memory_report()["rss_mb"]]
     finally:
         engine.close()
     result["memory"] = memory_report()
@@ -508,14 +545,20 @@ def worker_llama(args) -> dict:
         llm.reset()  # no prompt reuse from the previous run
         t0 = time.perf_counter()
         first = None
-        for _chunk in llm.create_completion(ids, max_tokens=new_tokens, temperature=0.0,
-                                            top_k=1, repeat_penalty=1.0, stream=True,
-                                            logits_processor=[no_eog]):  # fmt: skip
+        stream = llm.create_completion(ids, max_tokens=new_tokens, temperature=0.0, top_k=1,
+                                       repeat_penalty=1.0, stream=True,
+                                       logits_processor=[no_eog])  # fmt: skip
+        capped = False
+        for _chunk in stream:
+            now = time.perf_counter()
             if first is None:
-                first = time.perf_counter()
+                first = now
+            if now - t0 > args.llama_run_cap:  # a collapsed run (see OPENMP_NOTE) stops here
+                capped = True
+                break
         end = time.perf_counter()
         n = sampled[0]
-        return {"ttft_s": first - t0, "tokens": n,
+        return {"ttft_s": first - t0, "tokens": n, "capped": capped,
                 "decode_tok_s": (n - 1) / (end - first) if n > 1 else None}  # fmt: skip
 
     result: dict = {"gguf": str(path), "gguf_mb": round(path.stat().st_size / 2**20, 1),
@@ -548,6 +591,23 @@ def worker_llama(args) -> dict:
             ttft[str(n)] = median([run(prompts.text(n), 2)["ttft_s"] for _ in range(args.repeats)])
             print(f"    TTFT at {n} prompt tokens: {ttft[str(n)] * 1000:.0f} ms", flush=True)
     result["ttft_at_tokens_s"] = ttft
+    # one thread needs no OpenMP barrier, so it stands up to another process on a core
+    lib.llama_set_n_threads(llm._ctx.ctx, 1, 1)
+    one: dict = {"threads": 1, "why": OPENMP_NOTE}
+    runs = []
+    with Conditions().section(one):
+        for _ in range(args.repeats):
+            runs.append(run(prompts.text(args.prompt_tokens), args.new_tokens))
+    one.update(
+        {
+            "ttft_s": median([r["ttft_s"] for r in runs]),
+            "decode_tok_s": median([r["decode_tok_s"] for r in runs]),
+            "runs": runs,
+        }
+    )
+    print(f"    1 thread: TTFT {one['ttft_s'] * 1000:.0f} ms, {one['decode_tok_s']:.1f} tok/s",
+          flush=True)  # fmt: skip
+    result["single_1thread"] = one
     result["memory"] = memory_report()
     return result
 
@@ -729,6 +789,7 @@ def run_worker(kind: str, args, scratch: Path, extra: list[str] | None = None) -
            "--question-tokens", str(args.question_tokens),
            "--first-turn-tokens", str(args.first_turn_tokens),
            "--llama-threads", str(args.llama_threads),
+           "--llama-run-cap", str(args.llama_run_cap),
            "--quiet-wait", str(args.quiet_wait), *(extra or [])]  # fmt: skip
     if args.no_profile:
         cmd.append("--no-profile")
@@ -1044,6 +1105,12 @@ def main() -> None:
     parser.add_argument("--first-turn-tokens", type=int, default=20,
                         help="tokens the image turn generates before the follow-up")  # fmt: skip
     parser.add_argument("--llama-threads", type=int, default=2)
+    parser.add_argument(
+        "--llama-run-cap",
+        type=float,
+        default=15.0,
+        help="most seconds per llama.cpp run (a run past it is marked capped)",
+    )
     parser.add_argument("--server-streams", type=int, default=8)
     parser.add_argument("--server-start-timeout", type=float, default=180.0)
     parser.add_argument("--quiet-wait", type=float, default=5.0,
