@@ -165,3 +165,15 @@ def test_caption_scoring_is_the_captioners():
     perfect = caption_scores(["red apple", "grinning face"], ["Red Apple", "grinning face"])
     assert perfect["exact"] == 1.0 and perfect["bleu1"] == 1.0
     assert normalize(" Smileys & Emotion. ") == "smileys emotion"
+
+
+def test_request_media_are_encoded_once_per_content(llm_dir, chat_data, tmp_path):
+    chat = _predictor(llm_dir, tmp_path)
+    red = (chat_data.parent / "red.png").read_bytes()
+    blue = (chat_data.parent / "blue.png").read_bytes()
+    first = chat.tower_tokens("image", red)
+    assert chat.tower_tokens("image", bytes(red)) is first  # same bytes: the cached tokens
+    other = chat.tower_tokens("image", blue)
+    assert other is not first and not torch.equal(other, first)
+    fresh = chat.tower("image").encode([chat.tower("image").load(red)])[0]
+    assert torch.allclose(first, fresh)

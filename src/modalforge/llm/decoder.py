@@ -118,6 +118,23 @@ def quantize_int8(model: nn.Module) -> None:
         for tensor in itertools.chain(model.parameters(), model.buffers()):
             tensor.data = tensor.data.clone()
     gc.collect()  # the replaced Linear modules sit in reference cycles: free them now
+    _trim_heap()
+
+
+def _trim_heap() -> None:
+    """Give freed heap memory back to the OS. glibc keeps what the replaced fp32 weights and
+    the quantization's temporaries occupied (measured: 1.0 GB of RSS on Gemma-3-270M, which
+    ``malloc_trim`` returned); elsewhere this does nothing."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        if libc is not None and hasattr(libc, "malloc_trim"):
+            libc.malloc_trim(0)
+    except OSError:  # not glibc
+        pass
 
 
 class SlotDecoder:

@@ -16,7 +16,9 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import threading
 import time
+from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +36,8 @@ from modalforge.tasks.chat.towers import Tower
 from modalforge.tasks.chat.training import ChatModule, Example, Examples, collate
 
 TASK = "chat"
+#: decoded requests' tower tokens kept (sha256 of the bytes -> tokens): a few MB
+MEDIA_CACHE_ITEMS = 64
 SCHEMA = Schema.from_dict({"image": {"type": "image", "required": False},
                            "audio": {"type": "audio", "required": False},
                            "text": {"type": "text", "required": False}})  # fmt: skip
@@ -88,6 +92,8 @@ class ChatPredictor:
         self.test_manifest: list | None = None  # the held-out conversations after fit()
         self.bundle = None
         self._engine = None
+        self._media_cache: OrderedDict[tuple[str, str], torch.Tensor] = OrderedDict()
+        self._media_lock = threading.Lock()
 
     # -- towers ---------------------------------------------------------------------------------
     def tower(self, kind: str, encoder_module=None) -> Tower:
@@ -292,8 +298,7 @@ class ChatPredictor:
         media = dict(media_tokens or {})
         for kind, value in (("image", image), ("audio", audio)):
             if value is not None and kind not in media:
-                tower = self.tower(kind)
-                media[kind] = tower.encode([tower.load(value, root)])[0]
+                media[kind] = self.tower_tokens(kind, value, root)
         _place_marks(turns, media)
         encoded = self.format.encode(turns, add_generation_prompt=True)
         spans = []
@@ -305,6 +310,26 @@ class ChatPredictor:
             key = hashlib.sha256(tokens.numpy().tobytes()).hexdigest()[:24]
             spans.append(EmbedSpan(start, embeds.float(), f"{kind}:{key}"))
         return Prompt(encoded.ids, spans)
+
+    def tower_tokens(self, kind: str, value, root: Path | None = None) -> torch.Tensor:
+        """One item's tower tokens (tokens, dim); bytes (a request's media) go through a small
+        cache keyed by their sha256, so a conversation's later turns do not encode its image
+        again. Raises DecodeError for undecodable media."""
+        tower = self.tower(kind)
+        if not isinstance(value, bytes | bytearray):
+            return tower.encode([tower.load(value, root)])[0]
+        key = (kind, hashlib.sha256(value).hexdigest())
+        with self._media_lock:
+            found = self._media_cache.get(key)
+            if found is not None:
+                self._media_cache.move_to_end(key)
+                return found
+        tokens = tower.encode([tower.load(value, root)])[0]
+        with self._media_lock:
+            self._media_cache[key] = tokens
+            while len(self._media_cache) > MEDIA_CACHE_ITEMS:
+                self._media_cache.popitem(last=False)
+        return tokens
 
     def reply(
         self,

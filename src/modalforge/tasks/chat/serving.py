@@ -204,12 +204,10 @@ class ChatServing(ServingAdapter):
 
     def media_tokens(self, part: Part) -> torch.Tensor:
         """One image / clip's bytes -> its tower tokens (tokens, dim)."""
-        tower = self.predictor.tower(part.kind)
         try:
-            item = tower.load(part.value)
+            return self.predictor.tower_tokens(part.kind, part.value)
         except DecodeError as err:
             raise RequestError(f"{part.where}: {err}", 400, part.where) from None
-        return tower.encode([item])[0]
 
     def text_prompt(self, text: str, where: str = "prompt") -> Prompt:
         """A raw completion prompt: the text's tokens after ``<bos>``, no chat format."""
