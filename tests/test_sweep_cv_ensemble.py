@@ -181,8 +181,21 @@ def test_config_schema_marks_inputs_optional(toy, tmp_path):
 @pytest.mark.parametrize(
     "path", sorted(Path(__file__).parents[1].glob("configs/*.yaml")), ids=lambda p: p.name
 )
-def test_shipped_configs_parse(path):
+def test_shipped_configs_parse(path, monkeypatch):
     options = RunOptions.from_yaml(path)
+    if options.task == "chat":  # a tiny LLM stands in for Gemma (its conversion takes a minute)
+        from modalforge.llm.loader import LlmRef
+        from modalforge.tasks.chat import predictor as chat
+        from tests.tiny_llm import tiny_gemma, tiny_tokenizer
+
+        tiny = (tiny_gemma(), tiny_tokenizer(), LlmRef("tiny", "0" * 64))
+        monkeypatch.setattr(chat, "load_llm", lambda source=None, **_: tiny)
+        predictor = options.predictor()
+        for key in ("image_tokens", "audio_tokens"):
+            assert getattr(predictor.config, key) == options.task_options[key]
+        assert predictor.fit_config.max_per_type == options.task_options["max_per_type"]
+        assert predictor.label is None
+        return
     predictor = options.predictor()
     # a captioner's label is the caption column it learns to write
     assert predictor.label == (options.caption if options.task == "caption" else options.label)

@@ -65,6 +65,7 @@ class ChatFitConfig:
 
 class ChatPredictor:
     task = TASK
+    label = None  # no label column: the answers are in the conversations
 
     def __init__(self, llm: str | None = None, *, image_tokens: int = 16, audio_tokens: int = 8,
                  image_encoder: str = "efficientnet_lite0",
