@@ -692,7 +692,9 @@ def measure_server(args, bundle: Path, logs: Path) -> dict:
         result["memory_idle"] = tree_memory(proc.pid)
         client = AsyncOpenAI(base_url=f"http://{LOOPBACK}:{port}/v1", api_key="bench",
                              timeout=300, max_retries=0)  # fmt: skip
-        model = bundle.name
+        # the server names the model (a bundle at RUN/bundle is served as RUN's name)
+        with urllib.request.urlopen(f"http://{LOOPBACK}:{port}/v1/models", timeout=10) as r:
+            model = json.loads(r.read())["data"][0]["id"]
         count = [0]
 
         async def one(max_tokens: int) -> dict:
