@@ -22,7 +22,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 
 #: lowest first; a layer's packages may import any lower layer, not a sibling
 LAYERS: list[tuple[str, ...]] = [
-    ("", "schema", "errors", "progress", "bundle", "bundle_format", "index", "client",
+    ("", "schema", "errors", "files", "progress", "bundle", "bundle_format", "index", "client",
      "data", "encoders", "fusion", "models", "evaluate", "train", "llm"),
     ("tasks",),
     ("experiments", "runtime"),

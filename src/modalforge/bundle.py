@@ -62,10 +62,10 @@ from modalforge.bundle_format import (  # re-exported: these names were defined 
     _parse_schema,
     _prepare_tensors,
     _provenance,
-    _sha256,
     _to_json,
     _validate_meta,
 )
+from modalforge.files import sha256_file
 from modalforge.schema import Schema
 
 # -- the Bundle ------------------------------------------------------------------------------
@@ -228,7 +228,7 @@ class Bundle:
                     f"(size {size} bytes, expected {entry['bytes']})"
                 )
                 continue
-            digest = _sha256(path)
+            digest = sha256_file(path)
             if digest != entry["sha256"]:
                 problems.append(
                     f"{path}: changed since the bundle was written "

@@ -15,7 +15,6 @@ It never imports :mod:`modalforge.bundle`.
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import importlib.metadata
 import json
 import math
@@ -27,6 +26,7 @@ from typing import Any
 
 import torch
 
+from modalforge.files import sha256_file
 from modalforge.schema import Schema, SchemaError
 
 BUNDLE_FORMAT_VERSION = 1
@@ -256,10 +256,5 @@ def _provenance() -> dict[str, Any]:
     }
 
 
-def _sha256(path: Path) -> str:
-    with path.open("rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 def _file_entry(path: Path) -> dict[str, Any]:
-    return {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+    return {"bytes": path.stat().st_size, "sha256": sha256_file(path)}

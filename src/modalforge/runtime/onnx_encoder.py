@@ -100,7 +100,7 @@ class _Flat(nn.Module):
 
 
 def cache_root() -> Path:
-    from modalforge.data.catalog._common import cache_dir
+    from modalforge.files import cache_dir
 
     return cache_dir() / "onnx"
 

@@ -45,7 +45,7 @@ WORD_ENCODERS = {"gru", "lstm", "bag_of_embeddings"}
 
 
 def default_cache_dir() -> Path:
-    from modalforge.data.catalog._common import cache_dir
+    from modalforge.files import cache_dir
 
     return cache_dir() / "features"
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -15,14 +14,6 @@ import numpy as np
 import soundfile as sf
 
 T = TypeVar("T")
-
-
-def cache_dir() -> Path:
-    """Where downloaded package files are kept: $MODALFORGE_CACHE or ~/.cache/modalforge."""
-    root = os.environ.get("MODALFORGE_CACHE") or Path.home() / ".cache" / "modalforge"
-    path = Path(root)
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 def stable_rng(*parts: object) -> np.random.Generator:

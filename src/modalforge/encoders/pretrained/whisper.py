@@ -68,7 +68,6 @@ from modalforge.encoders.pretrained.whisper_convert import (  # noqa: F401 (re-e
     MissingWeightsPackage,
     WhisperConversionError,
     build_whisper,
-    cache_root,
     convert_ctranslate2_whisper,
     ct2_whisper_state_dict,
     load_ctranslate2_whisper_cached,

