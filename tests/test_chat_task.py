@@ -4,6 +4,8 @@ and answers through the engine."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import soundfile as sf
@@ -111,6 +113,16 @@ def test_bundle_round_trip_answers_the_same(llm_dir, chat_data, tmp_path):
     assert isinstance(again, ChatPredictor) and again.config.lora == chat.config.lora
     assert again.reply([Turn("user", "what is this?")], image=image, params=params) == before
     assert tasks.for_bundle(bundle).can("llm")
+    # decoding from a copy leaves the adapters; the copy shares the untouched token table
+    copy = again.model.merged_llm()
+    table = again.model.base_llm().get_input_embeddings().weight
+    assert copy.get_input_embeddings().weight is table and again.model.adapted
+    # a server merges in place (no second copy): same answer, and the adapters are gone
+    again.engine(inplace=True)
+    assert again.reply([Turn("user", "what is this?")], image=image, params=params) == before
+    assert not again.model.adapted
+    with pytest.raises(RuntimeError, match="merged"):
+        again.model.trained_state()
 
 
 def test_a_bundle_refuses_a_different_llm(llm_dir, chat_data, tmp_path):
@@ -134,10 +146,32 @@ def test_media_without_a_mark_goes_first_and_a_mark_without_media_is_refused(llm
         chat.prompt([Turn("user", "<audio> what is said?")])
 
 
+def _in_mapped_file(model, folder) -> list[str]:
+    """The parameters whose data lie in a memory map of a file in ``folder`` (Linux)."""
+    spans = []
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split()
+        if len(fields) >= 6 and fields[5].startswith(str(folder)):
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            spans.append((start, end))
+    return [n for n, p in model.named_parameters()
+            if any(a <= p.data_ptr() < b for a, b in spans)]  # fmt: skip
+
+
 def test_load_llm_reads_a_folder_and_records_its_digest(llm_dir):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    mapped = AutoModelForCausalLM.from_pretrained(llm_dir)
+    assert _in_mapped_file(mapped, llm_dir)  # what transformers alone gives: views of the file
     model, tokenizer, ref = load_llm(str(llm_dir))
     assert ref.source == str(llm_dir) and len(ref.sha256) == 64
     assert model.config.hidden_size == 32 and tokenizer.convert_tokens_to_ids("<end_of_turn>") == 5
+    # the weights in the process's own memory (a quantizing server frees them), and the same
+    assert not _in_mapped_file(model, llm_dir)
+    state = model.state_dict()
+    for name, tensor in load_file(llm_dir / "model.safetensors").items():
+        torch.testing.assert_close(state[name], tensor, rtol=0, atol=0)
 
 
 def test_evaluation_scores_every_question_type_and_writes_a_report(llm_dir, chat_data, tmp_path):

@@ -5,12 +5,12 @@ The page is served by ``tests.chat_stub.ChatStub``: the real playground page plu
 ``/v1/chat/completions`` in OpenAI's shape that records what it is sent and what it streams, so
 the tests check the page's requests and that Stop hangs up.
 
-Against the real route: start ``modalforge serve TINY_CHAT_BUNDLE --port 8123`` (a bundle saved by
-``ChatPredictor`` on ``tests.tiny_llm``'s Gemma) and run these tests with
-``MODALFORGE_CHAT_UPSTREAM=http://127.0.0.1:8123``: the stub then relays both routes to it and
-records the same, and every assertion compares the page with what was relayed (the stub's own
-answer text is never assumed). Stop needs an answer longer than a second or so: a random tiny
-model may end at once on EOS.
+Every test runs twice: against the stub's own answers, and with the stub relaying both routes
+to a real ``modalforge serve`` of a tiny chat bundle (``tests.tiny_llm``'s Gemma, tiny towers):
+every assertion compares the page with what was relayed (the stub's answer text is never
+assumed). Stop is checked on the stub only: the tiny model writes its 500 tokens before a
+click lands (the real server's hang-up handling is ``test_chat_serving``'s). Set
+``MODALFORGE_CHAT_UPSTREAM`` to relay the second run to another server instead.
 """
 
 import base64
@@ -37,9 +37,29 @@ EMOJI = Path(__file__).parent / "data" / "emoji_1f600.png"
 
 
 @pytest.fixture(scope="module")
-def stub():
+def tiny_chat_server(tmp_path_factory):
+    """A real ``modalforge serve`` of an untrained tiny chat bundle (started on first use)."""
+    from modalforge.tasks.chat.predictor import ChatPredictor
+    from tests.serving import running_server
+    from tests.tiny_llm import tiny_gemma, tiny_tokenizer
+
+    root = tmp_path_factory.mktemp("playground-chat")
+    tiny_gemma(seed=0).save_pretrained(root / "llm")
+    tiny_tokenizer().save_pretrained(root / "llm")
+    chat = ChatPredictor(str(root / "llm"), image_encoder="cnn", image_kwargs={"image_size": 32},
+                         audio_encoder="audio_cnn", image_tokens=4, audio_tokens=2,
+                         cache_dir=root / "cache")  # fmt: skip
+    chat.save(root / "bundle")
+    with running_server(root / "bundle") as (url, _):
+        yield url
+
+
+@pytest.fixture(scope="module", params=["stub", "real"])
+def stub(request):
+    if request.param == "stub":
+        return ChatStub(api_key=KEY)
     upstream = os.environ.get("MODALFORGE_CHAT_UPSTREAM")
-    return ChatStub(upstream=upstream, api_key=None if upstream else KEY)
+    return ChatStub(upstream=upstream or request.getfixturevalue("tiny_chat_server"))
 
 
 @pytest.fixture(scope="module")
@@ -171,8 +191,10 @@ def test_an_answer_streams_in_and_shows_its_usage(page, stub):
     assert body["model"] == find(page, "#model-id").text
     assert stub.headers[-1].get("authorization") == (f"Bearer {KEY}" if stub.api_key else None)
     assert stream.done and len(stream.deltas) >= 2
-    final = answer.find_element("css selector", ".text").text
-    assert final == stream.text.strip() != ""
+    # textContent, not Selenium's rendered .text: a random tiny model writes control characters
+    final = page.execute_script("return arguments[0].textContent",
+                                answer.find_element("css selector", ".text"))  # fmt: skip
+    assert final.strip() == stream.text.strip() != ""
     seen = [s for s in page.execute_script("return window.seen") if s]
     assert len(seen) >= 2 and seen[-1] == stream.text  # it arrived in pieces ...
     assert all(stream.text.startswith(s) for s in seen)  # ... each a prefix of the answer
@@ -249,6 +271,8 @@ def test_new_chat_then_image_and_audio_parts(page, stub, tmp_path):
 
 
 def test_stop_hangs_up_and_keeps_the_partial_answer(page, stub):
+    if stub.upstream:
+        pytest.skip("the tiny model answers 500 tokens before a click lands (see the docstring)")
     find(page, "#chat-new").click()
     set_field(page, "#chat-max-tokens", "500")
     before = len(stub.requests)

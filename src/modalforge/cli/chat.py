@@ -109,7 +109,7 @@ def chat(
         with loading or contextlib.nullcontext():
             predictor = load(bundle)
             device = next(predictor.model.parameters()).device
-            engine = predictor.engine(**engine_options(predictor, torch.device(device)))
+            engine = predictor.engine(True, **engine_options(predictor, torch.device(device)))
         params = SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed)
         session = Session(predictor, engine, params, system)
         for kind, path in (("image", image), ("audio", audio)):

@@ -84,6 +84,7 @@ class ChatModel(nn.Module):
         self.image_proj = Projector(config.image_dim, config.hidden, width)
         self.audio_proj = Projector(config.audio_dim, config.hidden, width)
         self.llm.requires_grad_(False)
+        self.merged = False  # the LoRA adapters folded into the LLM for good (merge_lora)
 
     # -- stages -----------------------------------------------------------------------------
     def add_lora(self, options: dict[str, Any]) -> None:
@@ -98,20 +99,39 @@ class ChatModel(nn.Module):
 
     def base_llm(self) -> nn.Module:
         """The causal LM under any adapters (its ``.model`` is the decoder stack)."""
-        return self.llm.get_base_model() if self.config.lora is not None else self.llm
+        return self.llm.get_base_model() if self.adapted else self.llm
+
+    @property
+    def adapted(self) -> bool:
+        """Whether the LLM is wrapped in LoRA adapters (not yet merged into it)."""
+        return self.config.lora is not None and not self.merged
 
     def merged_llm(self) -> nn.Module:
         """A plain causal LM with the LoRA adapters folded into its weights (for decoding); the
-        model itself is left as it is."""
-        if self.config.lora is None:
+        model itself is left as it is. The copy shares the token embedding (no adapter touches
+        it: 63 % of the weights), so it costs the adapted layers only."""
+        if not self.adapted:
             return self.llm
-        return copy.deepcopy(self.llm).merge_and_unload()
+        embedding = self.base_llm().get_input_embeddings().weight
+        return copy.deepcopy(self.llm, {id(embedding): embedding}).merge_and_unload()
+
+    def merge_lora(self) -> nn.Module:
+        """Fold the LoRA adapters into the LLM itself and return it: for a model that only
+        decodes from now on (a server), which needs no second copy of the weights. Its adapters
+        are gone afterwards: ``trained_state`` refuses, so save the bundle first."""
+        if self.adapted:
+            self.llm = self.llm.merge_and_unload()
+            self.merged = True
+        return self.llm
 
     def trained_state(self) -> dict[str, torch.Tensor]:
         """What a bundle stores: the projectors and the LoRA adapters, never the LLM."""
+        if self.merged:
+            raise RuntimeError("the LoRA adapters were merged into the LLM (merge_lora): "
+                               "they can no longer be saved apart from it")  # fmt: skip
         state = {f"image_proj.{k}": v for k, v in self.image_proj.state_dict().items()}
         state |= {f"audio_proj.{k}": v for k, v in self.audio_proj.state_dict().items()}
-        if self.config.lora is not None:
+        if self.adapted:
             from peft import get_peft_model_state_dict
 
             state |= {f"lora.{k}": v for k, v in get_peft_model_state_dict(self.llm).items()}
@@ -153,9 +173,10 @@ class ChatModel(nn.Module):
         return embeds
 
     def project(self, kind: str, tokens: torch.Tensor) -> torch.Tensor:
-        """One item's tower tokens (N, D) -> (N, H) embeddings, for a prompt span."""
+        """One item's tower tokens (N, D) -> (N, H) embeddings, for a prompt span (in the
+        projector's dtype: an int8 decoder keeps the LLM's token table in bf16)."""
         proj = self.image_proj if kind == "image" else self.audio_proj
-        return proj(tokens)
+        return proj(tokens.to(proj[0].weight.dtype))
 
     # -- training -----------------------------------------------------------------------------
     def loss(self, batch: dict[str, torch.Tensor],

@@ -73,11 +73,8 @@ class ChatPredictor:
                  audio_encoder: str = "whisper_tiny_en", max_length: int = 512,
                  system: str | None = None, fit: ChatFitConfig | None = None,
                  cache_dir: str | Path | None = None, _llm_loaded=None) -> None:  # fmt: skip
-        model, tokenizer, ref = _llm_loaded or load_llm(llm)
-        self.tokenizer = tokenizer
-        self.ref = ref
         self.config = ChatConfig(
-            llm=ref.to_dict(), hidden=int(model.config.hidden_size),
+            llm={}, hidden=0,  # the LLM's, below
             image_encoder=image_encoder, image_kwargs=image_kwargs or {"image_size": 128},
             image_tokens=image_tokens, audio_encoder=audio_encoder, audio_tokens=audio_tokens,
             max_length=max_length, system=system,
@@ -85,9 +82,16 @@ class ChatPredictor:
         self.fit_config = fit or ChatFitConfig()
         self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
         self._towers: dict[str, Tower] = {}
-        self.format = ChatFormat(tokenizer, image_tokens, audio_tokens)
+        # the towers before the LLM: building Whisper's peaks 0.2 GB above what it keeps,
+        # which is better spent before the LLM's 1 GB of weights are resident than after
         self.config.image_dim = self.tower("image").dim
         self.config.audio_dim = self.tower("audio").dim
+        model, tokenizer, ref = _llm_loaded() if callable(_llm_loaded) else (
+            _llm_loaded or load_llm(llm))  # fmt: skip
+        self.tokenizer = tokenizer
+        self.ref = ref
+        self.config.llm, self.config.hidden = ref.to_dict(), int(model.config.hidden_size)
+        self.format = ChatFormat(tokenizer, image_tokens, audio_tokens)
         self.model = ChatModel(self.config, model, self.format.image_id, self.format.audio_id)
         self.history: dict[str, Any] = {}
         self.test_manifest: list | None = None  # the held-out conversations after fit()
@@ -236,12 +240,12 @@ class ChatPredictor:
         """The chat model of ``bundle``: its LLM from the cache (sha256 checked; ``llm`` names
         another copy of the same weights), its towers, projectors and adapters."""
         config = ChatConfig.from_dict(bundle.model_config)
-        loaded = load_llm(llm, expect=LlmRef.from_dict(config.llm))
         predictor = cls(
             image_tokens=config.image_tokens, audio_tokens=config.audio_tokens,
             image_encoder=config.image_encoder, image_kwargs=config.image_kwargs,
             audio_encoder=config.audio_encoder, max_length=config.max_length,
-            system=config.system, cache_dir=cache_dir, _llm_loaded=loaded,
+            system=config.system, cache_dir=cache_dir,
+            _llm_loaded=lambda: load_llm(llm, expect=LlmRef.from_dict(config.llm)),
         )  # fmt: skip
         if config.lora is not None:
             predictor.model.add_lora(config.lora)
@@ -276,13 +280,15 @@ class ChatPredictor:
         return {"task": TASK, "model": self.config.to_dict(), "fit": asdict(self.fit_config)}
 
     # -- talking --------------------------------------------------------------------------------
-    def engine(self, **options):
+    def engine(self, inplace: bool = False, **options):
         """The decoding engine over the LLM with the adapters merged in (built once; options:
-        ``LlmEngine``'s, e.g. ``quantize="int8"``, ``max_slots``)."""
+        ``LlmEngine``'s, e.g. ``quantize="int8"``, ``max_slots``). ``inplace`` merges them into
+        the model's own LLM (``ChatModel.merge_lora``: no second copy, for a predictor that
+        only answers from now on -- a server, the ``chat`` command) rather than a copy."""
         from modalforge.llm.engine import LlmEngine
 
-        if self._engine is None or options:
-            llm = self.model.merged_llm()
+        if self._engine is None or options or (inplace and self.model.adapted):
+            llm = self.model.merge_lora() if inplace else self.model.merged_llm()
             self._engine = LlmEngine(llm, self.tokenizer, **options)
         return self._engine
 
@@ -307,7 +313,7 @@ class ChatPredictor:
             if kind not in media:
                 raise ValueError(f"the conversation has an <{kind}> mark but no {kind} was given")
             tokens = media[kind]
-            embeds = self.model.project(kind, tokens.to(next(self.model.parameters()).dtype))
+            embeds = self.model.project(kind, tokens)
             key = hashlib.sha256(tokens.numpy().tobytes()).hexdigest()[:24]
             spans.append(EmbedSpan(start, embeds.float(), f"{kind}:{key}"))
         return Prompt(encoded.ids, spans)

@@ -137,7 +137,7 @@ class ChatServing(ServingAdapter):
             with self._lock:
                 if self._llm is None:
                     self._llm = self.predictor.engine(
-                        **engine_options(self.predictor, self.engine.device)
+                        inplace=True, **engine_options(self.predictor, self.engine.device)
                     )
         return self._llm
 
