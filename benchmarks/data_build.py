@@ -19,10 +19,10 @@ import time
 from pathlib import Path
 
 from modalforge.data.catalog import build_dataset
-from modalforge.data.catalog._common import cache_dir
 from modalforge.data.infer import infer_schema
 from modalforge.data.manifest import read_manifest
 from modalforge.data.validate import validate_manifest
+from modalforge.files import cache_dir
 
 
 def measure(name: str, root: Path) -> dict:
