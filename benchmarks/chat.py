@@ -446,7 +446,7 @@ def worker_engine(args, quantize: str | None) -> dict:
             predictor = ChatPredictor.load(bundle)
             result["bundle"] = {"path": str(bundle), "trained": bool(predictor.history)}
         result["memory_after_load"] = memory_report()
-        engine = predictor.engine(True, quantize="int8", max_slots=16, stop_token_ids=())
+        engine = predictor.engine(inplace=True, quantize="int8", max_slots=16, stop_token_ids=())
         tokenizer = predictor.tokenizer
     else:
         from modalforge.llm.engine import LlmEngine

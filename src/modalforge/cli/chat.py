@@ -108,8 +108,8 @@ def chat(
         loading = console.status(f"loading {bundle} ...") if question is None else None
         with loading or contextlib.nullcontext():
             predictor = load(bundle)
-            device = next(predictor.model.parameters()).device
-            engine = predictor.engine(True, **engine_options(predictor, torch.device(device)))
+            device = torch.device(next(predictor.model.parameters()).device)
+            engine = predictor.engine(inplace=True, **engine_options(predictor, device))
         params = SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed)
         session = Session(predictor, engine, params, system)
         for kind, path in (("image", image), ("audio", audio)):

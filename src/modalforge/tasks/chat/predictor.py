@@ -72,7 +72,8 @@ class ChatPredictor:
                  image_kwargs: dict[str, Any] | None = None,
                  audio_encoder: str = "whisper_tiny_en", max_length: int = 512,
                  system: str | None = None, fit: ChatFitConfig | None = None,
-                 cache_dir: str | Path | None = None, _llm_loaded=None) -> None:  # fmt: skip
+                 cache_dir: str | Path | None = None,
+                 _expect: LlmRef | None = None) -> None:  # fmt: skip
         self.config = ChatConfig(
             llm={}, hidden=0,  # the LLM's, below
             image_encoder=image_encoder, image_kwargs=image_kwargs or {"image_size": 128},
@@ -86,8 +87,7 @@ class ChatPredictor:
         # which is better spent before the LLM's 1 GB of weights are resident than after
         self.config.image_dim = self.tower("image").dim
         self.config.audio_dim = self.tower("audio").dim
-        model, tokenizer, ref = _llm_loaded() if callable(_llm_loaded) else (
-            _llm_loaded or load_llm(llm))  # fmt: skip
+        model, tokenizer, ref = load_llm(llm, expect=_expect)
         self.tokenizer = tokenizer
         self.ref = ref
         self.config.llm, self.config.hidden = ref.to_dict(), int(model.config.hidden_size)
@@ -244,8 +244,8 @@ class ChatPredictor:
             image_tokens=config.image_tokens, audio_tokens=config.audio_tokens,
             image_encoder=config.image_encoder, image_kwargs=config.image_kwargs,
             audio_encoder=config.audio_encoder, max_length=config.max_length,
-            system=config.system, cache_dir=cache_dir,
-            _llm_loaded=lambda: load_llm(llm, expect=LlmRef.from_dict(config.llm)),
+            system=config.system, cache_dir=cache_dir, llm=llm,
+            _expect=LlmRef.from_dict(config.llm),
         )  # fmt: skip
         if config.lora is not None:
             predictor.model.add_lora(config.lora)
