@@ -1,6 +1,7 @@
 """Shared by the serving tests: a tiny trained bundle and a real `modalforge serve` process."""
 
 import contextlib
+import math
 import os
 import socket
 import subprocess
@@ -85,3 +86,64 @@ def running_server(bundle: Path, *args: str):
         yield url, proc
     finally:
         stop_server(proc)
+
+
+def hostile_mix(client, good: list[dict], hostile: list[dict], answer=None):
+    """Send each of ``good`` alone, then every request of ``good`` and ``hostile`` at once (one
+    thread each, so they meet in the server's batches); assert that each good request gets 200
+    and the answer it got alone, and each hostile one a 4xx with a message. Requests are
+    ``client.post`` kwargs with the route as ``url``; ``answer(response)`` picks what must not
+    change (default: the JSON body), compared by ``same_answer``. -> (the hostile responses,
+    ``(items, failures)`` of each batch the micro-batcher ran meanwhile)."""
+    import concurrent.futures
+
+    answer = answer or (lambda r: r.json())
+    alone = []
+    for request in good:
+        r = client.post(**request)
+        assert r.status_code == 200, r.text
+        alone.append(answer(r))
+    batcher = client.app.state.batcher
+    fn, batches = batcher.fn, []
+
+    def recording(items):
+        out = fn(items)
+        batches.append((len(items), sum(isinstance(o, BaseException) for o in out)))
+        return out
+
+    half = len(good) // 2
+    order = [*good[:half], *hostile, *good[half:]]
+    batcher.fn = recording
+    try:
+        with concurrent.futures.ThreadPoolExecutor(len(order)) as pool:
+            responses = list(pool.map(lambda r: client.post(**r), order))
+    finally:
+        batcher.fn = fn
+    got = dict(zip(map(id, order), responses, strict=True))
+    for request, expected in zip(good, alone, strict=True):
+        r = got[id(request)]
+        assert r.status_code == 200, r.text
+        same_answer(answer(r), expected)
+    bad = [got[id(request)] for request in hostile]
+    for r in bad:
+        assert 400 <= r.status_code < 500, r.text
+        assert r.json()["error"]["message"]
+    return bad, batches
+
+
+def same_answer(got, expected, where: str = "answer") -> None:
+    """``got`` equals ``expected``: labels, texts, token ids and every other non-float exactly;
+    floats to 1e-5. A float32 matrix product over a batch of 16 is not bit-equal to the same
+    row's product alone (the kernels block the rows differently): the last bits may differ."""
+    if isinstance(expected, float) and isinstance(got, float):
+        assert math.isclose(got, expected, rel_tol=1e-5, abs_tol=1e-5), (where, got, expected)
+    elif isinstance(expected, dict):
+        assert isinstance(got, dict) and got.keys() == expected.keys(), (where, got, expected)
+        for k in expected:
+            same_answer(got[k], expected[k], f"{where}.{k}")
+    elif isinstance(expected, list):
+        assert isinstance(got, list) and len(got) == len(expected), (where, got, expected)
+        for i, (g, e) in enumerate(zip(got, expected, strict=True)):
+            same_answer(g, e, f"{where}[{i}]")
+    else:
+        assert got == expected, (where, got, expected)

@@ -3,26 +3,26 @@
 
 import base64
 import concurrent.futures
+import io
 import json
 import signal
-import struct
 import threading
 import time
-import zlib
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
+from PIL import Image
 
 from modalforge.bundle import load_bundle
 from modalforge.client import Client, ServerError
 from modalforge.predictor import MultimodalPredictor
 from modalforge.serve import Engine, RequestError, ServeConfig, create_app
 
-from .conftest import COLORS, PITCH, png_bytes, sine, wav_bytes
-from .serving import running_server, start_server, stop_server, train_toy_bundle
+from .conftest import COLORS, PITCH, WORDS, png_bytes, png_claiming, sine, wav_bytes
+from .serving import hostile_mix, running_server, start_server, stop_server, train_toy_bundle
 
 
 @pytest.fixture(scope="module")
@@ -285,23 +285,6 @@ def test_openai_package_lists_the_model(server):
     assert models.data[0].owned_by == "modalforge"
 
 
-def png_claiming(width: int, height: int) -> bytes:
-    """A PNG signature + IHDR for width x height, and no pixel data worth the name."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return (
-            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-        )
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", ihdr)
-        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
-        + chunk(b"IEND", b"")
-    )
-
-
 def lying_wav() -> bytes:
     data = bytearray(wav_bytes(sine(440, 0.2)))
     i = data.index(b"data")
@@ -446,6 +429,72 @@ def test_engine_handle_decodes_in_the_batch_and_isolates_bad_requests(engine):
     assert out[0]["label"] == "r" and out[2]["modalities"] == ["text"]
     assert isinstance(out[1], RequestError) and out[1].param == "image"
     assert len(seen) == 2 and all(s >= 0 for s in seen)
+
+
+def tall_png(width: int, height: int) -> bytes:
+    """A real, decodable PNG of width x height (a few kB: rows of one colour compress well)."""
+    buf = io.BytesIO()
+    Image.new("RGB", (width, height), (200, 40, 40)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def classifier_requests():
+    """14 good /v1/predict requests (JSON and multipart, every input mix) and 2 hostile ones."""
+    good = []
+    for i, colour in enumerate(["r", "g", "b"] * 5):
+        image = png_bytes((30, 30), COLORS[colour])
+        words = f"a {WORDS[colour]} {i}"
+        if i % 3 == 0:
+            good.append({"url": "/v1/predict", "json": {"image": b64(image), "text": words}})
+        elif i % 3 == 1:
+            good.append({"url": "/v1/predict", "files": {"image": ("x.png", image, "image/png")},
+                         "data": {"text": words}})  # fmt: skip
+        else:
+            tone = wav_bytes(sine(PITCH[colour], 0.25 + 0.01 * i))
+            good.append({"url": "/v1/predict", "json": {"audio": b64(tone), "text": words}})
+    hostile = [
+        {"url": "/v1/predict", "json": {"image": b64(png_claiming(1, 1_000_000)), "text": "x"}},
+        {"url": "/v1/predict", "files": {"image": ("t.png", tall_png(1, 300_000), "image/png")}},
+    ]
+    return good[:14], hostile
+
+
+@pytest.mark.parametrize("route", ["/v1/predict", "/v1/predict/batch"])
+def test_two_hostile_requests_among_fourteen_good_ones_change_nothing(engine, route):
+    good, hostile = classifier_requests()
+    if route == "/v1/predict/batch":  # the same samples as one-item batches, the JSON ones
+        good = [{"url": route, "json": {"inputs": [r["json"]]}} for r in good if "json" in r]
+        good += [{"url": route, "json": {"inputs": [{"text": f"a red apple {i}"}]}}
+                 for i in range(14 - len(good))]  # fmt: skip
+        hostile = [{"url": route, "json": {"inputs": [r["json"]]}} for r in hostile[:1]]
+        lone_surrogate = b'{"inputs": [{"text": "\\ud800"}]}'
+        hostile.append({"url": route, "content": lone_surrogate,
+                        "headers": {"content-type": "application/json"}})  # fmt: skip
+    config = ServeConfig(max_batch=16, batch_timeout_ms=200)
+    with TestClient(create_app(engine, config)) as c:
+        _, batches = hostile_mix(c, good, hostile)
+    # the hostile requests were decoded in the same batches as good ones
+    assert any(failed and items > failed for items, failed in batches), batches
+
+
+def test_a_sample_that_breaks_the_batched_forward_fails_alone(engine, monkeypatch):
+    """A forward that raises for one sample (here: out of memory on the text "boom") is
+    retried on halves of its batch: that request gets a 413, the others their own answers."""
+    predict = engine.adapter.predict
+
+    def fragile(samples):
+        if any(s.values.get("text") == "boom" for s in samples):
+            raise MemoryError
+        return predict(samples)
+
+    good, _ = classifier_requests()
+    config = ServeConfig(max_batch=16, batch_timeout_ms=200)
+    with TestClient(create_app(engine, config)) as c:
+        monkeypatch.setattr(engine.adapter, "predict", fragile)
+        boom = {"url": "/v1/predict", "json": {"text": "boom"}}
+        (bad,), batches = hostile_mix(c, good, [boom])
+    assert bad.status_code == 413 and "out of memory" in bad.json()["error"]["message"]
+    assert any(items > 1 and failed == 1 for items, failed in batches), batches
 
 
 def test_two_inference_workers(engine):

@@ -366,19 +366,27 @@ class LlmEngine:
         decoding = sorted(
             (s for s in self._active.values() if s.next_token is not None), key=lambda s: s.slot
         )
-        if not decoding:
-            return
+        if decoding:
+            self._decode(decoding)
+
+    def _decode(self, seqs: list[_Sequence]) -> None:
+        """One batched decode step over ``seqs``; when it raises, each sequence steps on its
+        own, so only one that fails alone fails (the step rewrites the same cache positions)."""
         try:
-            tokens = [s.next_token for s in decoding]
-            logits = self.decoder.decode([s.slot for s in decoding], self.decoder.embed(tokens))
-        except Exception as exc:  # no one request to blame: the whole batch fails
-            for seq in decoding:
-                self._fail(seq, exc)
+            tokens = [s.next_token for s in seqs]
+            logits = self.decoder.decode([s.slot for s in seqs], self.decoder.embed(tokens))
+        except Exception as exc:
+            if len(seqs) == 1:
+                self._fail(seqs[0], exc)
+                return
+            log.warning("LLM decode step of %d failed (%r); stepping each alone", len(seqs), exc)
+            for seq in seqs:
+                self._decode([seq])
             return
-        for seq, token in zip(decoding, tokens, strict=True):
+        for seq, token in zip(seqs, tokens, strict=True):
             seq.keys.append(token)
             seq.next_token = None
-        self._sample(decoding, logits)
+        self._sample(seqs, logits)
 
     def _admit(self) -> None:
         while self._waiting and self._free:
@@ -458,6 +466,8 @@ class LlmEngine:
             return
         for seq, token in zip(seqs, tokens, strict=True):
             try:
+                if isinstance(token, Exception):
+                    raise token
                 self._advance(seq, token)
             except Exception as exc:
                 self._fail(seq, exc)

@@ -42,16 +42,20 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
 
 def pick_tokens(
     logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator]
-) -> list[int]:
-    """One next token per row of ``logits`` (``[B, vocab]``, constraint masks applied)."""
+) -> list[int | Exception]:
+    """One next token per row of ``logits`` (``[B, vocab]``, constraint masks applied), or the
+    exception that sampling that row raised (non-finite logits): a row never fails another."""
     greedy = logits.argmax(-1)
-    picked = greedy.tolist()
+    picked: list[int | Exception] = list(greedy.tolist())
     for row, (p, generator) in enumerate(zip(params, generators, strict=True)):
         if p.temperature == 0:
             continue
-        scaled = filter_logits(logits[row].float() / p.temperature, p.top_k, p.top_p)
-        probs = torch.softmax(scaled, dim=-1)
-        picked[row] = int(torch.multinomial(probs, 1, generator=generator))
+        try:
+            scaled = filter_logits(logits[row].float() / p.temperature, p.top_k, p.top_p)
+            probs = torch.softmax(scaled, dim=-1)
+            picked[row] = int(torch.multinomial(probs, 1, generator=generator))
+        except RuntimeError as exc:  # "probability tensor contains either inf, nan or < 0"
+            picked[row] = exc
     return picked
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import math
 import threading
 import time
@@ -29,6 +30,8 @@ from modalforge.encoders.features import encode_items
 from modalforge.errors import RequestError
 from modalforge.schema import Column, Modality
 from modalforge.tasks.serving import MAX_AUDIO_SECONDS, OPTIONS, Sample
+
+log = logging.getLogger("modalforge.serve")
 
 #: audio clips whose lengths differ by more than this factor are encoded in separate sub-batches
 AUDIO_BUCKET_RATIO = 1.25
@@ -186,6 +189,13 @@ class Engine:
             raise RequestError(f"{column.name!r}: {err}", param=column.name) from None
         except (ValueError, TypeError) as err:  # tabular / graph parsers
             raise RequestError(f"{column.name!r}: {err}", param=column.name) from None
+        except MemoryError:
+            raise RequestError(f"{column.name!r}: too large to decode in this server's memory",
+                               status=413, param=column.name) from None  # fmt: skip
+        except Exception as err:  # a decoder's own failure on these bytes is still about them
+            log.warning("modalforge: decoding %r failed: %r", column.name, err)
+            raise RequestError(f"{column.name!r}: cannot be decoded ({type(err).__name__}: "
+                               f"{err})", param=column.name) from None  # fmt: skip
         if m is Modality.TABULAR and not math.isfinite(item):
             raise RequestError(f"{column.name!r}: expected a finite number", param=column.name)
         return item
@@ -260,9 +270,27 @@ class Engine:
                 continue
             if on_decode is not None:
                 on_decode(samples[-1].decode_seconds)
-        for i, result in zip(good, self.predict(samples) if samples else [], strict=True):
+        for i, result in zip(good, self.predict_apart(samples) if samples else [], strict=True):
             out[i] = result
         return out
+
+    def predict_apart(self, samples: list[Sample]) -> list[dict[str, Any] | Exception]:
+        """``predict``, and when a batch raises, its halves on their own (recursively): only a
+        sample that fails alone gets an error -- a RequestError (413 for running out of
+        memory) or the exception itself (a server fault) -- and every other sample the
+        result of a smaller batch, which is what it gets alone."""
+        try:
+            return self.predict(samples)
+        except Exception as err:
+            if len(samples) == 1:
+                if isinstance(err, MemoryError):
+                    return [RequestError("the model ran out of memory on this request's inputs",
+                                         status=413)]  # fmt: skip
+                return [err]
+            log.warning("modalforge: a batch of %d failed (%r); predicting its halves apart",
+                        len(samples), err)  # fmt: skip
+            half = len(samples) // 2
+            return self.predict_apart(samples[:half]) + self.predict_apart(samples[half:])
 
     @_torch_threads
     @torch.inference_mode()
