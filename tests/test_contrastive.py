@@ -375,3 +375,41 @@ def test_towers_export_to_onnx_through_the_gate_and_serve(served, toy):
         np.testing.assert_allclose(d["embedding"], w["embeddings"]["text"], atol=1e-5)
     with pytest.raises(ValueError, match="not offered yet"):
         export_bundle(path, rows, name="int8", quantize="int8")
+
+
+def test_two_hostile_requests_among_fourteen_good_ones_change_no_embedding_or_hit(served, toy):
+    import base64
+
+    from fastapi.testclient import TestClient
+
+    from modalforge.data.manifest import read_manifest
+    from modalforge.index import EmbeddingIndex
+    from modalforge.serve import Engine, ServeConfig, create_app
+
+    from .conftest import png_claiming
+    from .serving import hostile_mix
+
+    p, path = served
+    rows = read_manifest(toy)
+    vectors, _ = p.embed(rows, "image", progress=False)
+    engine = Engine.from_bundle(path, device="cpu")
+    index = EmbeddingIndex([str(i) for i in range(len(rows.frame))], vectors,
+                           info={"column": "image", "model_version": engine.version})  # fmt: skip
+
+    def data_url(data: bytes, mime: str = "image/png") -> str:
+        return f"data:{mime};base64," + base64.b64encode(data).decode()
+
+    good = []
+    for i in range(7):
+        c = "rgb"[i % 3]
+        image = data_url(png_bytes((30, 30), shade(c, i)))
+        good.append({"url": "/v1/embeddings", "json": {"input": [f"{WORDS[c]} {i}", image]}})
+        good.append({"url": "/v1/search", "json": {"query": f"{WORDS[c]} {i}", "k": 3}})
+    hostile = [
+        {"url": "/v1/embeddings", "json": {"input": ["red", data_url(png_claiming(1, 10**6))]}},
+        {"url": "/v1/search", "json": {"query": data_url(b"<html></html>", "text/html")}},
+    ]
+    config = ServeConfig(max_batch=16, batch_timeout_ms=200)
+    with TestClient(create_app(engine, config, index=index)) as c:
+        _, batches = hostile_mix(c, good, hostile)
+    assert any(failed and items > failed for items, failed in batches), batches

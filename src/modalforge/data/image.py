@@ -20,6 +20,7 @@ from modalforge.data.errors import DecodeError
 
 ALLOWED_FORMATS = frozenset({"PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF", "MPO"})
 DEFAULT_MAX_PIXELS = 40_000_000  # ~6300 x 6300; PIL's own bomb limit is 89 M
+MAX_ASPECT = 100.0  # longer side / shorter side: a 1 x 300,000 strip is no picture of anything
 
 # mean / std on the 0..255 scale: tensor = (pixel - mean) / std
 NORMALIZATIONS: dict[str, tuple[tuple[float, float, float], tuple[float, float, float]]] = {
@@ -72,11 +73,14 @@ def decode_image(
     source: bytes | str | Path,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     background: tuple[int, int, int] = (255, 255, 255),
+    max_aspect: float = MAX_ASPECT,
 ) -> Image.Image:
     """Decode PNG / JPEG / WebP / GIF (first frame) / BMP / TIFF into an RGB image.
 
     EXIF orientation is applied; transparency is composited onto ``background``.
-    Raises DecodeError for anything that is not a decodable image within ``max_pixels``.
+    Raises DecodeError for anything that is not a decodable image within ``max_pixels`` and
+    ``max_aspect`` (both checked from the header, before any pixel is decoded), or whose pixel
+    data is shorter than its header says.
     """
     try:
         stream = io.BytesIO(source) if isinstance(source, bytes | bytearray) else open(source, "rb")  # noqa: SIM115
@@ -97,9 +101,17 @@ def decode_image(
                         f"image is {width}x{height} = {width * height:,} pixels, over the limit of "
                         f"{max_pixels:,} (a decompression-bomb guard)"
                     )
+                if max(width, height) > max_aspect * min(width, height):
+                    raise DecodeError(
+                        f"image is {width:,}x{height:,}: its aspect ratio is over the limit of "
+                        f"{max_aspect:g}:1"
+                    )
                 if getattr(img, "n_frames", 1) > 1:
                     img.seek(0)
                 img.load()
+                if img.format == "PNG":
+                    stream.seek(0)
+                    check_png_data(stream.read(), width, height)
                 img = ImageOps.exif_transpose(img) or img
                 return to_rgb(img, background)
         except DecodeError:
@@ -111,6 +123,54 @@ def decode_image(
         except (OSError, SyntaxError, ValueError, EOFError) as err:
             # PIL reports truncated / corrupt data as OSError or SyntaxError
             raise DecodeError(f"corrupt or truncated image: {err}") from None
+
+
+_PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # by colour type
+_ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2),
+          (0, 1, 1, 2))  # fmt: skip
+
+
+def check_png_data(data: bytes, width: int, height: int) -> None:
+    """Raise DecodeError when a PNG's compressed pixel data holds fewer bytes than its header's
+    size needs (PIL fills such a truncated or forged image with black without a word for some
+    shapes). Counts the inflated bytes without keeping them."""
+    import zlib
+
+    if len(data) < 33:
+        raise DecodeError("corrupt or truncated image: PNG header cut short")
+    depth, colour, interlace = data[24], data[25], data[28]
+    channels = _PNG_CHANNELS.get(colour)
+    if channels is None:
+        raise DecodeError(f"corrupt image: PNG colour type {colour} does not exist")
+
+    def rows(w: int, h: int) -> int:
+        return 0 if w <= 0 or h <= 0 else h * (1 + (w * channels * depth + 7) // 8)
+
+    if interlace:
+        passes = ((-(-(width - x) // dx), -(-(height - y) // dy)) for x, y, dx, dy in _ADAM7)
+        need = sum(rows(w, h) for w, h in passes)
+    else:
+        need = rows(width, height)
+    inflate, got, pos = zlib.decompressobj(), 0, 8
+    try:
+        while pos + 8 <= len(data) and got < need:
+            size = int.from_bytes(data[pos : pos + 4], "big")
+            kind = data[pos + 4 : pos + 8]
+            if kind == b"IDAT":
+                chunk = data[pos + 8 : pos + 8 + size]
+                while chunk and got < need:
+                    got += len(inflate.decompress(chunk, 1 << 20))
+                    chunk = inflate.unconsumed_tail
+            elif kind == b"IEND":
+                break
+            pos += 12 + size
+    except zlib.error as err:
+        raise DecodeError(f"corrupt image: PNG pixel data does not inflate ({err})") from None
+    if got < need:
+        raise DecodeError(
+            f"corrupt or truncated image: the PNG header says {width}x{height}, which needs "
+            f"{need:,} bytes of pixel data, but it holds {got:,}"
+        )
 
 
 def to_rgb(img: Image.Image, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
@@ -145,6 +205,13 @@ def resize_image(img: Image.Image, cfg: ImageConfig) -> Image.Image:
     target = round(size / cfg.crop_pct)
     scale = target / min(width, height)
     new = (max(target, round(width * scale)), max(target, round(height * scale)))
+    if new[0] * new[1] > 16 * target * target:
+        # a very long strip: scale only the central crop, in the source's own pixels (scaling
+        # all of a 1 x 1,000,000 upload would make a 224 x 224,000,000 image)
+        box_w, box_h = min(width, size / scale), min(height, size / scale)
+        left, top = (width - box_w) / 2, (height - box_h) / 2
+        return img.resize((size, size), Image.Resampling.BICUBIC,
+                          box=(left, top, left + box_w, top + box_h))  # fmt: skip
     if new != (width, height):
         img = img.resize(new, Image.Resampling.BICUBIC)
     left, top = (new[0] - size) // 2, (new[1] - size) // 2

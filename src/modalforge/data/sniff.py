@@ -25,13 +25,18 @@ def modality_from_name(name: str) -> Modality | None:
 
 def modality_from_bytes(head: bytes) -> Modality | None:
     """Magic numbers of the image and audio containers we decode."""
-    if head.startswith((b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF87a", b"GIF89a", b"BM")):
+    if head.startswith((b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF87a", b"GIF89a", b"BM",
+                        b"II*\0", b"MM\0*")):  # fmt: skip
         return Modality.IMAGE
     if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
         return Modality.IMAGE
     if head[:4] in (b"RIFF", b"RF64") and head[8:12] == b"WAVE":
         return Modality.AUDIO
-    if head.startswith((b"fLaC", b"OggS", b"ID3")) or head[:2] in (b"\xff\xfb", b"\xff\xf3"):
+    if head.startswith((b"fLaC", b"OggS", b"ID3")):
+        return Modality.AUDIO
+    # an MPEG audio frame: 11 sync bits, then a version and a layer that are not "reserved"
+    sync = len(head) > 1 and head[0] == 0xFF and head[1] & 0xE0 == 0xE0
+    if sync and head[1] & 0x18 != 0x08 and head[1] & 0x06:
         return Modality.AUDIO
     if head.lstrip()[:1] == b"{" and b'"edges"' in head:
         return Modality.GRAPH

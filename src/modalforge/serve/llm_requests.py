@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from modalforge.errors import RequestError
+from modalforge.schema import Modality
 from modalforge.serve.requests import decode_base64
 
 #: most choices one request may ask for (each is its own generation in the engine)
@@ -234,7 +235,7 @@ def _audio(value: Any, where: str) -> bytes:
         raise fail(f"expected one of {list(AUDIO_FORMATS)}, got {value.get('format')!r}",
                    f"{where}.format")  # fmt: skip
     try:
-        return decode_base64(value["data"], f"{where}.data")
+        return decode_base64(value["data"], f"{where}.data", Modality.AUDIO)
     except RequestError as err:
         raise RequestError(err.message, 400, f"{where}.data") from None
 

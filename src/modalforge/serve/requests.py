@@ -16,8 +16,10 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 from typing import Any
 
+from modalforge.data.sniff import modality_from_bytes
 from modalforge.errors import RequestError
 from modalforge.schema import Column, Modality
 
@@ -45,14 +47,95 @@ def check_body(body: bytes, content_type: str | None) -> str:
     return mime
 
 
+MAX_JSON_DEPTH = 32  # nesting of objects and arrays in a request body
+MAX_NUMBER_CHARS = 64  # characters of one JSON number literal
+
+
+class _JsonRefused(ValueError):
+    """Raised from inside the JSON parser's hooks; becomes a 400."""
+
+
+def _number_hook(kind: type):
+    def parse(literal: str) -> int | float:
+        if len(literal) > MAX_NUMBER_CHARS:
+            raise _JsonRefused(
+                f"a JSON number has {len(literal):,} characters, over the limit of "
+                f"{MAX_NUMBER_CHARS}"
+            )
+        value = kind(literal)
+        if not math.isfinite(value):
+            raise _JsonRefused(f"the JSON number {literal[:20]} is out of range")
+        return value
+
+    return parse
+
+
+def _no_constant(name: str) -> None:
+    raise _JsonRefused(f"{name} is not a JSON number (JSON has no NaN or Infinity)")
+
+
 def load_json(body: bytes) -> Any:
+    """Strict JSON: UTF-8, no NaN / Infinity, numbers of at most ``MAX_NUMBER_CHARS``
+    characters, at most ``MAX_JSON_DEPTH`` levels of nesting, strings of valid Unicode (no lone
+    surrogates from ``\\ud800`` escapes). Anything else is a 400 that says which limit."""
     try:
-        return json.loads(body.decode("utf-8"))
+        text = body.decode("utf-8")
     except UnicodeDecodeError as err:
         raise RequestError(f"body is not valid UTF-8 (byte {err.start})", status=400) from None
+    try:
+        obj = json.loads(
+            text,
+            parse_int=_number_hook(int),
+            parse_float=_number_hook(float),
+            parse_constant=_no_constant,
+        )
+    except _JsonRefused as err:
+        raise RequestError(f"invalid JSON: {err}", status=400) from None
+    except RecursionError:
+        raise RequestError(
+            f"invalid JSON: nested too deeply (the limit is {MAX_JSON_DEPTH} levels)", status=400
+        ) from None
     except json.JSONDecodeError as err:
         raise RequestError(
             f"invalid JSON: {err.msg} at line {err.lineno} column {err.colno}", status=400
+        ) from None
+    _check_tree(obj)
+    return obj
+
+
+def _check_tree(obj: Any) -> None:
+    """Depth and Unicode of a parsed JSON value, without recursion."""
+    stack = [(obj, 1, "")]
+    while stack:
+        value, depth, where = stack.pop()
+        if isinstance(value, str):
+            _check_unicode(value, where)
+            continue
+        if not isinstance(value, dict | list):
+            continue
+        if depth > MAX_JSON_DEPTH:
+            raise RequestError(
+                f"invalid JSON: nested too deeply (the limit is {MAX_JSON_DEPTH} levels)",
+                status=400,
+            )
+        if isinstance(value, dict):
+            for key, item in value.items():
+                _check_unicode(key, f"{where}.{key}" if where else key)
+                stack.append((item, depth + 1, f"{where}.{key}" if where else key))
+        else:
+            stack.extend((item, depth + 1, f"{where}[{i}]") for i, item in enumerate(value))
+
+
+def _check_unicode(text: str, where: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        at = f" in {where!r}" if where else ""
+        raise RequestError(
+            f"invalid JSON: a string{at} holds a lone UTF-16 surrogate "
+            f"({text[err.start]!r} at character {err.start}); strings must be valid Unicode",
+            status=400,
+            param=where.split(".")[0].split("[")[0] or None,
         ) from None
 
 
@@ -72,7 +155,7 @@ def json_fields(obj: Any, columns: dict[str, Column], where: str = "body") -> di
                 raise RequestError(
                     f"{name!r}: expected a base64 string (or a data: URL), got {got}", param=name
                 )
-            value = decode_base64(value, name)
+            value = decode_base64(value, name, kind)
         elif kind is Modality.TEXT and not isinstance(value, str):
             raise RequestError(
                 f"{name!r}: expected a string, got {type(value).__name__}", param=name
@@ -81,15 +164,21 @@ def json_fields(obj: Any, columns: dict[str, Column], where: str = "body") -> di
     return fields
 
 
-def decode_base64(value: str, name: str) -> bytes:
-    """Strict base64 (standard or URL-safe alphabet), optionally inside a ``data:`` URL."""
+def decode_base64(value: str, name: str, expect: Modality | None = None) -> bytes:
+    """Strict base64 (standard or URL-safe alphabet), optionally inside a ``data:`` URL.
+
+    A ``data:`` URL's declared type must say what the bytes are: ``image/*`` bytes that sniff as
+    an image, ``audio/*`` bytes that sniff as audio (``application/octet-stream`` or no type:
+    the bytes decide). ``expect``: the modality the field takes, checked against both."""
     text = value.strip()
+    declared = None
     if text.startswith("data:"):
         header, sep, text = text.partition(",")
         if not sep or not header.endswith(";base64"):
             raise RequestError(
                 f"{name!r}: a data: URL must be base64 ('data:<type>;base64,...')", param=name
             )
+        declared = header[5:].split(";", 1)[0].strip().lower() or None
     elif "://" in text[:16]:
         raise RequestError(
             f"{name!r}: URLs are not fetched; send the file's bytes as base64", param=name
@@ -97,10 +186,44 @@ def decode_base64(value: str, name: str) -> bytes:
     try:
         compact = "".join(text.split())
         if "-" in compact or "_" in compact:
-            return base64.urlsafe_b64decode(_pad(compact))
-        return base64.b64decode(compact, validate=True)
+            data = base64.urlsafe_b64decode(_pad(compact))
+        else:
+            data = base64.b64decode(compact, validate=True)
     except (binascii.Error, ValueError) as err:
         raise RequestError(f"{name!r}: invalid base64 ({err})", param=name) from None
+    _check_declared(data, declared, name, expect)
+    return data
+
+
+def _check_declared(data: bytes, declared: str | None, name: str, expect: Modality | None):
+    if declared in (None, "application/octet-stream"):
+        if expect is not None and data:
+            sniffed = modality_from_bytes(data[:64])
+            if sniffed is not None and sniffed is not expect:
+                raise RequestError(
+                    f"{name!r}: expected {expect.value}, but the bytes are {sniffed.value}",
+                    param=name,
+                )
+        return
+    kind = declared.split("/", 1)[0]
+    if kind not in ("image", "audio"):
+        raise RequestError(
+            f"{name!r}: the data: URL declares {declared!r}; send image/* or audio/* bytes",
+            status=415,
+            param=name,
+        )
+    if expect is not None and kind != expect.value:
+        raise RequestError(
+            f"{name!r}: the data: URL declares {declared!r}, but this field takes {expect.value}",
+            param=name,
+        )
+    sniffed = modality_from_bytes(data[:64])
+    if sniffed is None or sniffed.value != kind:
+        looks = f"{sniffed.value} bytes" if sniffed else "no image or audio format we read"
+        raise RequestError(
+            f"{name!r}: the data: URL declares {declared!r}, but its bytes are {looks}",
+            param=name,
+        )
 
 
 def _pad(text: str) -> str:

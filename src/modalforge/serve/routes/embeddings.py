@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse
 
 from modalforge.errors import RequestError
 from modalforge.index import EmbeddingIndex
+from modalforge.schema import Modality
 from modalforge.serve.context import Context
 from modalforge.serve.requests import decode_base64
 from modalforge.serve.routes.base import Route, needs, refused
@@ -114,7 +115,7 @@ def embedding_fields(engine, item: Any, text_column: str | None, where: str) -> 
             have = sorted(k for k in towers if k in ("image", "audio"))
             raise RequestError(f"{where}: a data: URL of {kind!r}; this model embeds data: URLs "
                                f"of {have or 'no kind'}", param=where)  # fmt: skip
-        return {towers[kind]: decode_base64(item, where)}
+        return {towers[kind]: decode_base64(item, where, Modality(kind))}
     if "://" in item[:16]:
         raise RequestError(f"{where}: URLs are not fetched; send a data: URL", param=where)
     texts = [c.name for c in engine.inputs if c.modality.value == "text"]

@@ -21,6 +21,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 
 from modalforge.errors import RequestError
 from modalforge.models.decoding import DecodeOptions
+from modalforge.schema import Modality
 from modalforge.serve.context import Context
 from modalforge.serve.requests import (
     JSON,
@@ -105,7 +106,7 @@ async def image_bytes(url: Any, where: str, allow: tuple[str, ...], max_bytes: i
     if not isinstance(url, str) or not url.strip():
         raise RequestError(f"{where}: expected a URL string", param=where)
     if url.startswith("data:"):
-        return decode_base64(url, where)
+        return decode_base64(url, where, Modality.IMAGE)
     if not any(allowed(url, prefix) for prefix in allow):
         raise RequestError(f"{where}: URLs are not fetched (this server takes data: URLs"
                            + (f", or URLs under {list(allow)})" if allow else
