@@ -6,6 +6,7 @@ import concurrent.futures
 import io
 import json
 import signal
+import struct
 import threading
 import time
 from pathlib import Path
@@ -203,6 +204,88 @@ def test_bad_requests_get_a_4xx_that_names_the_problem(client, body, headers, st
     r = client.post("/v1/predict", content=body, headers=headers)
     assert r.status_code == status, r.text
     assert words in r.json()["error"]["message"]
+
+
+def wav_declaring(channels: int = 1, bits: int = 16, rate: int = 16_000) -> bytes:
+    """A RIFF/WAVE PCM file whose fmt chunk says what it is told, with 0.1 s of silence."""
+    align = max(1, channels * bits // 8)
+    data = bytes(1600 * align)
+    fmt = struct.pack("<HHIIHH", 1, channels, rate, rate * align % 2**32, align, bits)
+    chunks = b"fmt " + struct.pack("<I", len(fmt)) + fmt + b"data" + struct.pack("<I", len(data))
+    return b"RIFF" + struct.pack("<I", 4 + len(chunks) + len(data)) + b"WAVE" + chunks + data
+
+
+def data_url(mime: str, data: bytes) -> str:
+    return f"data:{mime};base64,{b64(data)}"
+
+
+# what a hostile client sent and got a 500 for (or a 200 where it should be refused)
+HOSTILE_FIELDS = [
+    ({"image": data_url("text/html", b"<html><script>x</script></html>")}, 415, "text/html"),
+    ({"image": data_url("image/png", b"<html></html>")}, 422, "its bytes are"),
+    ({"image": data_url("audio/wav", wav_declaring())}, 422, "takes image"),
+    ({"audio": data_url("audio/wav", RED)}, 422, "image bytes"),
+    ({"image": b64(png_claiming(1, 1_000_000))}, 422, "aspect ratio"),
+    ({"image": b64(png_claiming(1, 50))}, 422, "needs 200 bytes of pixel data"),
+    ({"image": b64(png_claiming(50_000, 50_000))}, 422, "too large"),
+    ({"audio": b64(wav_declaring(channels=64))}, 422, "64 channels"),
+    ({"audio": b64(wav_declaring(bits=3))}, 422, "3-bit"),
+    ({"audio": b64(wav_declaring(rate=0))}, 422, "sample rate of 0 Hz"),
+    ({"audio": b64(wav_declaring(rate=4_000_000_000))}, 422, "sample rate"),
+]
+
+
+@pytest.mark.parametrize(("fields", "status", "words"), HOSTILE_FIELDS)
+def test_hostile_media_is_refused_with_the_field_named(client, fields, status, words):
+    r = client.post("/v1/predict", json={**fields, "text": "a red apple"})
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert words in error["message"] and error["param"] == next(iter(fields)), error
+
+
+def test_an_image_strip_is_refused_fast_and_a_long_one_is_cropped_before_scaling(client):
+    r = client.post("/v1/predict", files={"image": ("t.png", tall_png(1, 300_000), "image/png")})
+    assert r.status_code == 422 and "aspect ratio" in r.json()["error"]["message"], r.text
+    wide = client.post("/v1/predict", files={"image": ("w.png", tall_png(90, 3), "image/png")})
+    assert wide.status_code == 200, wide.text
+
+
+@pytest.mark.parametrize(
+    ("body", "words"),
+    [
+        (b'{"text": 1' + b"0" * 5000 + b"}", "over the limit of 64"),
+        (b'{"text": "a", "x": ' + b"[" * 10_000 + b"]" * 10_000 + b"}", "nested too deeply"),
+        (b'{"text": "a", "x": ' + b'{"a":' * 40 + b"1" + b"}" * 40 + b"}", "nested too deeply"),
+        (b'{"text": "\\ud800 red"}', "lone UTF-16 surrogate"),
+        (b'{"text": "a", "x": NaN}', "no NaN"),
+        (b'{"text": "a", "x": 1e999}', "out of range"),
+    ],
+)
+def test_json_limits_are_a_400_that_names_the_limit(client, body, words):
+    r = client.post("/v1/predict", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 400, r.text
+    assert words in r.json()["error"]["message"]
+
+
+def test_a_server_fault_is_a_500_with_a_request_id_logged_and_counted(engine, monkeypatch, caplog):
+    with TestClient(create_app(engine, ServeConfig()), raise_server_exceptions=False) as c:
+        ok = c.post("/v1/predict", json={"text": "a red apple"}, headers={"x-request-id": "abc-1"})
+        assert ok.headers["x-request-id"] == "abc-1"
+        fresh = c.post("/v1/predict", json={"text": "x"}, headers={"x-request-id": "no spaces!"})
+        assert len(fresh.headers["x-request-id"]) == 16  # a forged id is replaced
+
+        def broken(samples):
+            raise RuntimeError("a bug")
+
+        monkeypatch.setattr(engine.adapter, "predict", broken)
+        with caplog.at_level("ERROR", logger="modalforge.serve"):
+            r = c.post("/v1/predict", json={"text": "a red apple"})
+        rid = r.headers["x-request-id"]
+        assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
+        assert rid in r.json()["error"]["message"]
+        assert any(rid in rec.getMessage() and rec.exc_info for rec in caplog.records)
+        metrics = c.get("/metrics").text
+    assert 'kind="server_error"' in metrics and 'status="500"' in metrics
 
 
 def test_body_limit_413(client):

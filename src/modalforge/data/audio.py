@@ -21,6 +21,11 @@ from modalforge.data.errors import DecodeError
 
 SAMPLE_RATE = 16_000
 DEFAULT_MAX_DECODE_SECONDS = 600.0
+MAX_CHANNELS = 8  # 7.1 surround; more is mixed down by nobody's microphone
+MIN_RATE, MAX_RATE = 1_000, 384_000  # sample rates a file may declare
+# WAV format tag -> the sample widths (bits) it may declare: PCM, IEEE float, A-law, mu-law
+_WAV_WIDTHS = {1: (8, 16, 24, 32), 3: (32, 64), 6: (8,), 7: (8,)}
+_WAV_EXTENSIBLE = 0xFFFE
 
 
 @dataclass(frozen=True)
@@ -50,9 +55,10 @@ _UNKNOWN_SIZES = (0, 0xFFFFFFFF)
 
 def check_wav_sizes(data: bytes, total: int | None = None) -> None:
     """Raise DecodeError when a RIFF/WAVE file's data chunk claims more bytes than the file
-    holds. libsndfile quietly decodes what is there; a header that lies about its length is a
-    truncated or forged upload, and is reported as such. ``data``: the file or its first bytes;
-    ``total``: the file's size (default ``len(data)``)."""
+    holds, or its ``fmt`` chunk declares a sample width its format cannot have (a 3-bit PCM
+    file, which libsndfile reads as 8-bit noise). libsndfile quietly decodes what is there; a
+    header that lies is a truncated or forged upload, and is reported as such. ``data``: the
+    file or its first bytes; ``total``: the file's size (default ``len(data)``)."""
     total = len(data) if total is None else total
     if len(data) < 12 or data[:4] != b"RIFF" or data[8:12] != b"WAVE":
         return
@@ -60,6 +66,8 @@ def check_wav_sizes(data: bytes, total: int | None = None) -> None:
     while pos + 8 <= len(data):
         chunk, size = data[pos : pos + 4], int.from_bytes(data[pos + 4 : pos + 8], "little")
         available = total - pos - 8
+        if chunk == b"fmt " and size >= 16 and pos + 24 <= len(data):
+            _check_wav_format(data[pos + 8 : pos + 8 + min(size, 40)])
         if chunk == b"data":
             if size not in _UNKNOWN_SIZES and size > available:
                 raise DecodeError(
@@ -68,6 +76,32 @@ def check_wav_sizes(data: bytes, total: int | None = None) -> None:
                 )
             return
         pos += 8 + size + (size & 1)
+
+
+def _check_wav_format(fmt: bytes) -> None:
+    tag, channels = int.from_bytes(fmt[0:2], "little"), int.from_bytes(fmt[2:4], "little")
+    rate = int.from_bytes(fmt[4:8], "little")
+    align, bits = int.from_bytes(fmt[12:14], "little"), int.from_bytes(fmt[14:16], "little")
+    if tag == _WAV_EXTENSIBLE and len(fmt) >= 26:
+        tag = int.from_bytes(fmt[24:26], "little")  # the sub-format GUID's first two bytes
+    widths = _WAV_WIDTHS.get(tag)
+    if widths is None:
+        return  # ADPCM, GSM, ...: compressed formats with their own widths, libsndfile's call
+    if bits not in widths:
+        raise DecodeError(
+            f"WAV header declares {bits}-bit samples, which its format (tag {tag}) cannot have "
+            f"(it has {', '.join(map(str, widths))}-bit)"
+        )
+    if channels and align != channels * bits // 8:
+        raise DecodeError(
+            f"WAV header is inconsistent: {channels} channel(s) of {bits}-bit samples are "
+            f"{channels * bits // 8} bytes a frame, but it says {align}"
+        )
+    if not MIN_RATE <= rate <= MAX_RATE:
+        raise DecodeError(
+            f"WAV header declares a sample rate of {rate:,} Hz (taken: {MIN_RATE:,} to "
+            f"{MAX_RATE:,} Hz)"
+        )
 
 
 def decode_audio(
@@ -85,8 +119,14 @@ def decode_audio(
             with open(source, "rb") as f:
                 check_wav_sizes(f.read(65_536), Path(source).stat().st_size)
         info = sf.info(_open())
-        if info.samplerate <= 0:
-            raise DecodeError(f"invalid sample rate {info.samplerate}")
+        if not MIN_RATE <= info.samplerate <= MAX_RATE:
+            raise DecodeError(
+                f"sample rate {info.samplerate:,} Hz is outside {MIN_RATE:,} to {MAX_RATE:,} Hz"
+            )
+        if not 1 <= info.channels <= MAX_CHANNELS:
+            raise DecodeError(
+                f"audio has {info.channels} channels; at most {MAX_CHANNELS} are mixed down to mono"
+            )
         if info.frames > max_seconds * info.samplerate:
             raise DecodeError(
                 f"audio is {info.frames / info.samplerate:,.1f} s long, over the limit of "
@@ -97,7 +137,9 @@ def decode_audio(
     except DecodeError:
         raise
     except (sf.LibsndfileError, RuntimeError, ValueError, OSError, EOFError) as err:
-        raise DecodeError(f"cannot decode audio: {err}") from None
+        # libsndfile's message names the BytesIO object: keep only what it says is wrong
+        reason = str(err).rsplit(": ", 1)[-1] if "Error opening" in str(err) else str(err)
+        raise DecodeError(f"cannot decode audio: {reason}") from None
     if data.shape[0] == 0:
         raise DecodeError("audio has no samples")
     wave = data.mean(axis=1) if data.shape[1] > 1 else data[:, 0]

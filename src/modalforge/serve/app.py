@@ -18,7 +18,9 @@ import importlib.resources
 import json
 import logging
 import math
+import re
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -115,10 +117,14 @@ class Gate:
         path = scope["path"]
         route = path if path in self.routes else "other"
         status = [500]
+        rid = request_id(dict(scope.get("headers", [])))
+        scope.setdefault("state", {})["request_id"] = rid
 
         async def send_status(message) -> None:
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
+                headers = [*message.get("headers", []), (b"x-request-id", rid.encode())]
+                message = {**message, "headers": headers}
             await send(message)
 
         try:
@@ -262,9 +268,13 @@ def create_app(
 
     @app.exception_handler(Exception)
     async def _server_error(request: Request, err: Exception):
-        log.exception("modalforge: unexpected error on %s", request.url.path)
+        rid = getattr(request.state, "request_id", "-")
+        log.error("modalforge: server fault on %s (request id %s)", request.url.path, rid,
+                  exc_info=err)  # fmt: skip
         metrics.error(request.url.path, "server_error")
-        return error_response(f"internal error: {type(err).__name__}", 500)
+        return error_response(
+            f"internal error: {type(err).__name__} (request id {rid}; the server log has it)", 500
+        )
 
     mount_all(app, ctx)
 
@@ -311,6 +321,16 @@ def create_app(
 
     routes = {r.path for r in app.routes if "{" not in getattr(r, "path", "{")}
     return Gate(app, round(config.max_body_mb * 2**20), config.api_key, metrics, routes)
+
+
+_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,64}")
+
+
+def request_id(headers: dict[bytes, bytes]) -> str:
+    """The client's ``X-Request-Id`` when it is a short token, else a fresh one: every response
+    carries it back, and a server fault's log line names it."""
+    given = headers.get(b"x-request-id", b"")
+    return given.decode() if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex[:16]
 
 
 def _authorized(headers: dict[bytes, bytes], key: str) -> bool:

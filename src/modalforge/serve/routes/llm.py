@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -33,6 +34,8 @@ from modalforge.serve.context import Busy, Context
 from modalforge.serve.routes.base import Route, needs, refused
 from modalforge.serve.routes.generate import image_bytes
 from modalforge.tasks.registry import LLM
+
+log = logging.getLogger("modalforge.serve")
 
 #: how often a waiting non-streamed request checks whether its client is still there
 DISCONNECT_POLL_S = 0.25
@@ -149,7 +152,7 @@ class Llm:
             for waiter in waiters:
                 waiter.cancel()
 
-    async def stream(self, gens: list, chunk, final) -> AsyncIterator[str]:
+    async def stream(self, request: Request, gens: list, chunk, final) -> AsyncIterator[str]:
         """Server-sent events: ``chunk(index, delta)`` for every delta of every generation as it
         comes, ``final(completions)`` (or None) last, then ``[DONE]``. The generations are
         cancelled however this ends (a disconnect cancels whatever iterates this)."""
@@ -171,7 +174,11 @@ class Llm:
                 if delta is None:
                     left -= 1
                     continue
-                if isinstance(delta, Exception):
+                if isinstance(delta, Exception):  # headers are sent: the fault goes in-band
+                    log.error("modalforge: generation failed mid-stream on %s (request id %s)",
+                              request.url.path, getattr(request.state, "request_id", "-"),
+                              exc_info=delta)  # fmt: skip
+                    request.app.state.metrics.error(request.url.path, "server_error")
                     body = {
                         "error": {
                             "message": f"generation failed: {type(delta).__name__}",
@@ -259,7 +266,7 @@ def mount_llm_chat(app: FastAPI, ctx: Context) -> None:
                                 for i, c in enumerate(done)],
                     "usage": usage(done),
                 })  # fmt: skip
-        return _sse(llm.stream(gens, *_chat_chunks(head, opts)), llm)
+        return _sse(llm.stream(request, gens, *_chat_chunks(head, opts)), llm)
 
 
 def _chat_chunks(head: dict[str, Any], opts: parse.Options):
@@ -346,7 +353,7 @@ def mount_completions(app: FastAPI, ctx: Context) -> None:
                 return None
             return {**head, "choices": [], "usage": _all_usage(done, opts.n)}
 
-        return _sse(llm.stream(gens, chunk, final), llm)
+        return _sse(llm.stream(request, gens, chunk, final), llm)
 
 
 def _all_usage(done: list[Completion], n: int) -> dict[str, Any]:
