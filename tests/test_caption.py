@@ -328,3 +328,35 @@ def test_the_train_command_takes_image_and_caption_columns(toy, tmp_path):
     assert set(summary["scores"]) == {"greedy", "beam 3", "nearest neighbour"}
     assert (run / "bundle" / "caption_vocab.json").is_file()
     assert "bleu4 nearest neighbour" in out.output
+
+
+def test_two_hostile_requests_among_fourteen_good_captions_change_nothing(bundle):
+    from fastapi.testclient import TestClient
+
+    from modalforge.serve import Engine, ServeConfig, create_app
+
+    from .conftest import png_claiming
+    from .serving import hostile_mix
+
+    def answer(r):
+        body = r.json()
+        return body["caption"] if "caption" in body else body["choices"][0]["message"]["content"]
+
+    good = []
+    for i, colour in enumerate("rgb" * 5):
+        url = _data_url(shade(colour, i))
+        if i % 2:
+            good.append({"url": "/v1/caption", "json": {"image": url}})
+        else:
+            content = [{"type": "image_url", "image_url": {"url": url}}]
+            good.append({"url": "/v1/chat/completions",
+                         "json": {"messages": [{"role": "user", "content": content}]}})  # fmt: skip
+    bomb = "data:image/png;base64," + base64.b64encode(png_claiming(1, 50)).decode()
+    html = "data:text/html;base64," + base64.b64encode(b"<html></html>").decode()
+    hostile = [{"url": "/v1/caption", "json": {"image": bomb}},
+               {"url": "/v1/chat/completions", "json": {"messages": [{"role": "user", "content": [
+                   {"type": "image_url", "image_url": {"url": html}}]}]}}]  # fmt: skip
+    engine = Engine.from_bundle(bundle, device="cpu")
+    with TestClient(create_app(engine, ServeConfig(max_batch=16, batch_timeout_ms=200))) as c:
+        _, batches = hostile_mix(c, good[:14], hostile, answer)
+    assert any(failed and items > failed for items, failed in batches), batches

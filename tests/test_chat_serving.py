@@ -354,3 +354,40 @@ def test_chat_command_prints_the_servers_answer(client, bundle, monkeypatch):
     assert result.stdout.strip() == served.choices[0].message.content.strip()  # stderr apart
     result = CliRunner().invoke(app, ["chat", str(bundle), "--image", "nope.png", "hi"])
     assert result.exit_code == 1 and "no such file" in result.output
+
+
+def test_two_hostile_requests_among_fourteen_good_chats_change_no_answer(bundle, monkeypatch):
+    """In-process: 14 greedy chats (image, audio, text, multi-turn) decoded together with two
+    requests that must fail (an image whose pixel data is cut short, an HTML data: URL) give
+    the answers they give alone; the two get 4xx."""
+    from fastapi.testclient import TestClient
+
+    from modalforge.serve import Engine, ServeConfig, create_app
+    from tests.conftest import png_claiming
+    from tests.serving import hostile_mix
+
+    monkeypatch.setenv("MODALFORGE_LLM_QUANTIZE", "none")
+    root = bundle.parent
+    turns = conversation(bundle)
+    contents = [
+        [image_part(data_url(root / "red.png")), {"type": "text", "text": "what is this?"}],
+        [audio_part(root / "green.wav"), {"type": "text", "text": "said?"}],
+        [image_part(data_url(root / "green.png")), {"type": "text", "text": "what?"}],
+        "say a colour",
+    ]
+    good = []
+    for i in range(14):
+        messages = turns if i % 5 == 4 else [{"role": "user", "content": contents[i % 4]}]
+        good.append({"url": "/v1/chat/completions",
+                     "json": {"messages": messages, "temperature": 0, "max_tokens": 6 + i % 3}})  # fmt: skip
+    cut = "data:image/png;base64," + base64.b64encode(png_claiming(1, 50)).decode()
+    html = "data:text/html;base64," + base64.b64encode(b"<html></html>").decode()
+    hostile = [{"url": "/v1/chat/completions", "json": {"messages": [{"role": "user",
+                "content": [image_part(url), {"type": "text", "text": "what?"}]}]}}
+               for url in (cut, html)]  # fmt: skip
+    engine = Engine.from_bundle(bundle)
+    answer = lambda r: r.json()["choices"][0]["message"]["content"]  # noqa: E731
+    with TestClient(create_app(engine, ServeConfig())) as c:
+        bad, _ = hostile_mix(c, good, hostile, answer)
+    assert "pixel data" in bad[0].json()["error"]["message"]
+    assert "text/html" in bad[1].json()["error"]["message"]

@@ -7,6 +7,7 @@ transcribes speech, survives save / load and is evaluated on a manifest.
 
 from __future__ import annotations
 
+import base64
 import json
 import shutil
 import subprocess
@@ -386,3 +387,35 @@ def test_finetuning_on_real_numbers_teaches_them_spelled_out(tmp_path):
     model.finetune(tmp_path / "train.csv", progress=False)
     after = model.evaluate(tmp_path / "test.csv", progress=False)["wer"]
     assert before > 0.4 and after < 0.2, (before, after)
+
+
+def test_two_hostile_clips_among_fourteen_good_ones_change_no_transcript(tmp_path):
+    from fastapi.testclient import TestClient
+
+    from modalforge.serve import Engine, ServeConfig, create_app
+
+    from .serving import hostile_mix
+
+    tiny_transcriber().save(tmp_path / "b")
+    engine = Engine.from_bundle(tmp_path / "b", device="cpu")
+    good = []
+    for i in range(14):
+        clip = wav_bytes(noise(0.3 + 0.05 * i, seed=i))
+        if i % 2:
+            good.append({"url": "/v1/audio/transcriptions", "files": {"file": ("a.wav", clip)}})
+        else:
+            b64 = base64.b64encode(clip).decode()
+            good.append({"url": "/v1/predict", "json": {"audio": b64}})
+    channels64 = wav_bytes(np.zeros((800, 64), np.float32))
+    hostile = [{"url": "/v1/audio/transcriptions", "files": {"file": ("x.wav", channels64)}},
+               {"url": "/v1/predict", "json": {"audio": "data:audio/wav;base64,"
+                                               + base64.b64encode(b"<html/>").decode()}}]  # fmt: skip
+
+    def answer(r):
+        body = r.json()
+        return body["text"]
+
+    with TestClient(create_app(engine, ServeConfig(max_batch=16, batch_timeout_ms=200))) as c:
+        bad, batches = hostile_mix(c, good, hostile, answer)
+    assert "64 channels" in bad[0].json()["error"]["message"]
+    assert any(failed and items > failed for items, failed in batches), batches

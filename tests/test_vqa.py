@@ -112,3 +112,35 @@ def test_vqa_is_scored_per_question_type_and_answers_chat(vqa, tmp_path):
         no_text = [{"role": "user", "content": [message[0]["content"][1]]}]
         r = c.post("/v1/chat/completions", json={"messages": no_text})
         assert r.status_code == 422 and "question" in r.json()["error"]["message"]
+
+
+def test_two_hostile_questions_among_fourteen_good_ones_change_no_answer(vqa, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from modalforge.serve import Engine, ServeConfig, create_app
+
+    from .serving import hostile_mix
+
+    p, _ = vqa
+    engine = Engine.from_bundle(p.save(tmp_path / "bundle").path, device="cpu")
+
+    def ask(image: str, question: str) -> dict:
+        content = [{"type": "text", "text": question},
+                   {"type": "image_url", "image_url": {"url": image}}]  # fmt: skip
+        return {"url": "/v1/chat/completions",
+                "json": {"messages": [{"role": "user", "content": content}]}}  # fmt: skip
+
+    names = {"r": "red", "g": "green", "b": "blue"}
+    good = [ask(_url(png_bytes((30, 30), COLORS[c])),
+                "what colour is this?" if i % 2 else f"is this {names['rgb'[i // 3 % 3]]}?")
+            for i, c in enumerate("rgb" * 5)][:14]  # fmt: skip
+    hostile = [ask(_url(b"<html>not an image</html>", "text/html"), "what colour is this?"),
+               ask(_url(png_bytes((30, 30), COLORS["r"])[:60]), "is this red?")]  # fmt: skip
+    answer = lambda r: r.json()["choices"][0]["message"]["content"]  # noqa: E731
+    with TestClient(create_app(engine, ServeConfig(max_batch=16, batch_timeout_ms=200))) as c:
+        _, batches = hostile_mix(c, good, hostile, answer)
+    assert any(failed and items > failed for items, failed in batches), batches
+
+
+def _url(data: bytes, mime: str = "image/png") -> str:
+    return f"data:{mime};base64," + base64.b64encode(data).decode()

@@ -239,12 +239,15 @@ def whisper_prompt(config, tokenizer=None) -> list[int]:
 
 @torch.inference_mode()
 def greedy_decode(model: nn.Module, hidden: torch.Tensor, mask: torch.Tensor | None,
-                  prompt: list[int], max_new_tokens: int, suppress: Sequence[int] = (),
+                  prompt: list[int], max_new_tokens: int | Sequence[int],
+                  suppress: Sequence[int] = (),
                   suppress_begin: Sequence[int] = ()) -> list[list[int]]:  # fmt: skip
     """Greedy decoding with a KV cache over encoder frames ``hidden`` (B, T, D), of which
     ``mask`` (B, T) may be attended (None: all, as stock Whisper does). Only text tokens and
-    end-of-text can come out (no timestamps, no special tokens). The decoder layers are called
-    directly because ``WhisperDecoder.forward`` has no cross-attention mask."""
+    end-of-text can come out (no timestamps, no special tokens). ``max_new_tokens``: one cap,
+    or one per row (so that a clip's transcript never depends on the clips batched with it).
+    The decoder layers are called directly because ``WhisperDecoder.forward`` has no
+    cross-attention mask."""
     from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
     config, decoder = model.config, model.model.decoder
@@ -258,7 +261,9 @@ def greedy_decode(model: nn.Module, hidden: torch.Tensor, mask: torch.Tensor | N
     cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
     tokens = torch.tensor([prompt] * hidden.shape[0], device=device)
     step_ids, done = tokens, torch.zeros(hidden.shape[0], dtype=torch.bool, device=device)
-    for step in range(min(max_new_tokens, config.max_target_positions - len(prompt))):
+    caps = [max_new_tokens] * len(tokens) if isinstance(max_new_tokens, int) else max_new_tokens
+    limits = torch.tensor(list(caps), device=device)
+    for step in range(min(int(limits.max()), config.max_target_positions - len(prompt))):
         past, n = tokens.shape[1] - step_ids.shape[1], step_ids.shape[1]
         h = decoder.embed_tokens(step_ids) * decoder.embed_scale
         h = h + decoder.embed_positions.weight[past : past + n]
@@ -271,11 +276,11 @@ def greedy_decode(model: nn.Module, hidden: torch.Tensor, mask: torch.Tensor | N
         logits = model.proj_out(decoder.layer_norm(h[:, -1])) + (first if step == 0 else bias)
         nxt = logits.argmax(-1).masked_fill(done, eot)
         tokens = torch.cat([tokens, nxt[:, None]], 1)
-        done |= nxt == eot
+        done |= (nxt == eot) | (limits <= step + 1)
         if bool(done.all()):
             break
         step_ids = nxt[:, None]
-    rows = tokens[:, len(prompt) :].tolist()
+    rows = [row[:cap] for row, cap in zip(tokens[:, len(prompt) :].tolist(), caps, strict=True)]
     return [row[: row.index(eot)] if eot in row else row for row in rows]
 
 
@@ -323,8 +328,9 @@ def decode_batch(model: nn.Module, tokenizer, waves: list[np.ndarray], window: W
                  suppress: Sequence[int] = (), suppress_begin: Sequence[int] = (),
                  ) -> list[str]:  # fmt: skip
     """One batch of clips -> greedy transcripts; ``max_new_tokens`` defaults to 10 + 8 per
-    second of the longest clip."""
-    budget = max_new_tokens or int(10 + 8 * max(len(w) for w in waves) / SAMPLE_RATE)
+    second of each clip (its own, not the batch's longest: a transcript must not depend on
+    what it was batched with)."""
+    budget = [max_new_tokens or int(10 + 8 * len(w) / SAMPLE_RATE) for w in waves]
     with torch.inference_mode():
         hidden, mask = encode_clips(model.model.encoder, waves, window, tail_frames)
         ids = greedy_decode(model, hidden, mask, list(prompt), budget, suppress, suppress_begin)
