@@ -12,6 +12,7 @@ the task's runtime model (``runtime.onnx`` / ``runtime.caption``) behind the sam
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import logging
 import math
@@ -93,6 +94,17 @@ class Engine:
             from modalforge.runtime.session import single_torch_thread
 
             self._torch_threads = single_torch_thread
+
+    def limit_media(self, max_pixels: int | None = None, max_audio_seconds: float | None = None):
+        """Serve-time limits on what a request's images and audio may be (``modalforge serve
+        --max-image-pixels / --max-audio-seconds``): checked from the header, before decoding."""
+        for feat in self.featurizers.values():
+            if max_pixels is not None and getattr(feat, "image_cfg", None) is not None:
+                feat.image_cfg = dataclasses.replace(feat.image_cfg, max_pixels=max_pixels)
+            if max_audio_seconds is not None and getattr(feat, "audio_cfg", None) is not None:
+                feat.audio_cfg = dataclasses.replace(
+                    feat.audio_cfg, max_decode_seconds=max_audio_seconds
+                )
 
     @classmethod
     def from_bundle(
