@@ -187,7 +187,7 @@ def test_caption_and_chat_routes(bundle):
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     allowed = f"http://127.0.0.1:{server.server_address[1]}/ok/"
-    config = ServeConfig(allow_urls=(allowed,))
+    config = ServeConfig(allow_urls=(allowed,), allow_private_urls=True)  # a server on loopback
     try:
         with TestClient(create_app(engine, config)) as c:
             r = c.post("/v1/caption", json={"image": red})

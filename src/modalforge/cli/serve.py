@@ -65,9 +65,39 @@ def serve(
         list[str] | None,
         typer.Option(
             help="A URL prefix whose images /v1/chat/completions may fetch (default: data: "
-            "URLs only). Repeatable."
+            "URLs only). Repeatable. Only public addresses are fetched from (the host is "
+            "resolved once, checked, and that address connected to); at most 3 redirects, "
+            "each checked again."
         ),
     ] = None,
+    allow_private_urls: Annotated[
+        bool,
+        typer.Option(
+            "--allow-private-urls",
+            help="Let --allow-url fetch from private, loopback and link-local addresses too "
+            "(an image server on this machine or its network).",
+        ),
+    ] = False,
+    rate_limit: Annotated[
+        float | None,
+        typer.Option(
+            help="Requests per second each client may send to POST /v1/* (a client: its API "
+            "key with --api-key, else its IP address, an IPv6 one by its /64); more are "
+            "answered 429 + Retry-After. Default: no rate limit."
+        ),
+    ] = None,
+    rate_burst: Annotated[
+        int,
+        typer.Option(min=1, help="Requests a client may send at once before --rate-limit applies."),
+    ] = 20,
+    max_client_concurrency: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="Requests one client may have in flight at once on POST /v1/*; more are "
+            "answered 429 + Retry-After (0: no cap).",
+        ),
+    ] = 64,
 ) -> None:
     """Serve a bundle over HTTP: /v1/predict (JSON or multipart), /v1/predict/batch, /v1/models,
     /healthz, /readyz, /metrics, OpenAPI at /docs, and a browser playground at /. Contrastive
@@ -77,6 +107,8 @@ def serve(
 
     Requests from concurrent clients are batched (up to --max-batch samples) while the model runs
     in its own thread; SIGTERM / Ctrl-C stops taking requests and finishes those in flight.
+    Each client may have --max-client-concurrency requests in flight (64) and, with
+    --rate-limit, send that many per second (bursts of --rate-burst); over either: 429.
     """
     import uvicorn
 
@@ -86,7 +118,11 @@ def serve(
     config = ServeConfig(max_batch=max_batch, batch_timeout_ms=batch_timeout_ms,
                          max_queue=max_queue, workers=workers, max_body_mb=max_body_mb,
                          request_timeout_s=request_timeout_s, api_key=api_key or None,
-                         allow_urls=tuple(allow_url or ()))  # fmt: skip
+                         allow_urls=tuple(allow_url or ()), allow_private_urls=allow_private_urls,
+                         rate_limit=rate_limit, rate_burst=rate_burst,
+                         max_client_concurrency=max_client_concurrency or None)  # fmt: skip
+    if rate_limit is not None and not (0 < rate_limit < float("inf")):
+        fail(f"--rate-limit must be a positive number of requests per second, not {rate_limit}")
     import torch
 
     # Only the inference thread should run parallel torch work. Each thread that does gets its

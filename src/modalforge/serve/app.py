@@ -35,6 +35,7 @@ from modalforge.index import EmbeddingIndex
 from modalforge.runtime.engine import Engine
 from modalforge.serve.batching import MicroBatcher
 from modalforge.serve.context import Busy, Context
+from modalforge.serve.limits import ClientLimits, client_id
 from modalforge.serve.metrics import ServerMetrics
 from modalforge.serve.routes import mount_all
 from modalforge.serve.routes.embeddings import check_index, index_card
@@ -56,6 +57,12 @@ class ServeConfig:
     torch_threads: int | None = None  # per inference thread; None: cores // workers
     # URL prefixes whose images /v1/chat/completions may fetch (none: data: URLs only)
     allow_urls: tuple[str, ...] = ()
+    # fetch allowed URLs even from private/loopback/link-local addresses (off: refused)
+    allow_private_urls: bool = False
+    # per client (its API key when the server checks one, else its IP), on POST /v1/*:
+    rate_limit: float | None = None  # requests per second; None: no rate limit
+    rate_burst: int = 20  # requests a client may send at once before the rate applies
+    max_client_concurrency: int | None = 64  # requests in flight per client; None: no cap
 
 
 def error_body(
@@ -85,10 +92,13 @@ def _thread_init(threads: int) -> Callable[[], None]:
 
 
 class Gate:
-    """Pure-ASGI front of the app: API key for ``/v1/*``, body-size limit, request metrics.
+    """Pure-ASGI front of the app: API key for ``/v1/*``, per-client limits on ``POST /v1/*``,
+    body-size limit, request metrics.
 
     A body over ``limit`` bytes is answered 413 without reading further (``Content-Length``
     checked first, chunked bodies counted as they stream in); the app then gets the buffered body.
+    A client over its rate or in-flight cap (``client_limits``) is answered 429 + ``Retry-After``
+    before its body is read.
     """
 
     def __init__(
@@ -98,12 +108,14 @@ class Gate:
         api_key: str | None,
         metrics: ServerMetrics,
         routes: set[str],
+        client_limits: ClientLimits | None = None,
     ) -> None:
         self.app = app
         self.limit = limit
         self.api_key = api_key
         self.metrics = metrics
         self.routes = routes
+        self.client_limits = client_limits
 
     @property
     def state(self):
@@ -146,6 +158,25 @@ class Gate:
         if scope["method"] in ("GET", "HEAD", "OPTIONS"):
             await self.app(scope, receive, send)
             return
+        limits = self.client_limits
+        if limits is None or not limits.enabled or not path.startswith("/v1/"):
+            await self._body(scope, receive, send)
+            return
+        client = client_id(scope, self.api_key.encode() if self.api_key else None)
+        refused = limits.acquire(client)
+        if refused is not None:
+            self.metrics.rate_limited(refused.reason)
+            retry = str(max(1, math.ceil(refused.retry_after))).encode()
+            extra = {b"retry-after": retry, b"connection": b"close"}  # the body is not read
+            await _send_error(send, refused.message, 429, "rate_limit_error", extra)
+            return
+        try:
+            await self._body(scope, receive, send)
+        finally:
+            limits.release(client)
+
+    async def _body(self, scope, receive, send) -> None:
+        headers = dict(scope.get("headers", []))
         mb = f"{self.limit / 2**20:g} MiB"
         declared = headers.get(b"content-length")
         if declared is not None:
@@ -320,7 +351,8 @@ def create_app(
         )
 
     routes = {r.path for r in app.routes if "{" not in getattr(r, "path", "{")}
-    return Gate(app, round(config.max_body_mb * 2**20), config.api_key, metrics, routes)
+    limits = ClientLimits(config.rate_limit, config.rate_burst, config.max_client_concurrency)
+    return Gate(app, round(config.max_body_mb * 2**20), config.api_key, metrics, routes, limits)
 
 
 _REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,64}")

@@ -64,6 +64,14 @@ class ServerMetrics:
             "Requests admitted and not finished (decoding, queued, running)",
             registry=r,
         )
+        self.limited = Counter(
+            "modalforge_rate_limited",
+            "Requests refused 429 by a per-client limit, by reason (rate, concurrency)",
+            ["reason"],
+            registry=r,
+        )
+        for reason in ("rate", "concurrency"):
+            self.limited.labels(reason)
 
     def track_queue(self, depth: Callable[[], int]) -> None:
         self.queue_depth.set_function(depth)
@@ -74,6 +82,9 @@ class ServerMetrics:
 
     def error(self, route: str, kind: str) -> None:
         self.errors.labels(route, kind).inc()
+
+    def rate_limited(self, reason: str) -> None:
+        self.limited.labels(reason).inc()
 
     def observe_batch(self, size: int, seconds: float, queue_wait: float) -> None:
         self.batch_size.observe(size)

@@ -7,7 +7,9 @@ Decoding follows what a chat client asks for: ``temperature: 0`` is greedy searc
 width 3, GNMT length penalty 0.6); ``beam_width`` / ``length_penalty`` (an extension, sent in the
 body, e.g. the ``openai`` package's ``extra_body``) ask for a beam. Image URLs are ``data:`` URLs;
 any other URL is refused unless it starts with a prefix of the server's allow-list
-(``--allow-url``), and then it is fetched without redirects, within the size and time limits.
+(``--allow-url``), and then it is fetched by ``serve.fetch``: from public addresses only (unless
+``--allow-private-urls``), the resolved address pinned, at most 3 redirects each checked again,
+within the size and time limits.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from modalforge.errors import RequestError
 from modalforge.models.decoding import DecodeOptions
 from modalforge.schema import Modality
 from modalforge.serve.context import Context
+from modalforge.serve.fetch import allowed, fetch_url
 from modalforge.serve.requests import (
     JSON,
     MULTIPART,
@@ -42,7 +45,6 @@ CAPTION_OPTIONS = {
     "method": str, "beam_width": int, "length_penalty": float, "temperature": float,
     "top_p": float, "max_tokens": int, "seed": int,
 }  # fmt: skip
-FETCH_TIMEOUT_S = 10.0
 
 
 def _typed(obj: dict[str, Any], key: str, kind: type) -> Any:
@@ -83,26 +85,11 @@ def decoding_options(obj: dict[str, Any], max_length: int, chat: bool = False) -
     return options
 
 
-def allowed(url: str, prefix: str) -> bool:
-    """``url`` is under ``prefix``: the same scheme and host (port included) and, once ``.``
-    and ``..`` segments are resolved, a path under the prefix's -- so ``http://host.evil/`` is
-    not under ``http://host``, nor ``/ok/../secret`` under ``/ok/``."""
-    import posixpath
-    from urllib.parse import urlsplit
-
-    u, p = urlsplit(url), urlsplit(prefix)
-    if (u.scheme, u.netloc.lower()) != (p.scheme, p.netloc.lower()) or u.scheme not in (
-        "http",
-        "https",
-    ):
-        return False
-    path = posixpath.normpath(u.path or "/") + ("/" if u.path.endswith("/") else "")
-    base = p.path or "/"
-    return path.startswith(base if base.endswith("/") else base + "/") or path == base
-
-
-async def image_bytes(url: Any, where: str, allow: tuple[str, ...], max_bytes: int) -> bytes:
-    """A ``data:`` URL's bytes, or an allowed URL fetched."""
+async def image_bytes(
+    url: Any, where: str, allow: tuple[str, ...], max_bytes: int, allow_private: bool = False
+) -> bytes:
+    """A ``data:`` URL's bytes, or an allowed URL fetched (``serve.fetch``: public addresses
+    only unless ``allow_private``, the resolved address pinned, redirects checked hop by hop)."""
     if not isinstance(url, str) or not url.strip():
         raise RequestError(f"{where}: expected a URL string", param=where)
     if url.startswith("data:"):
@@ -112,24 +99,7 @@ async def image_bytes(url: Any, where: str, allow: tuple[str, ...], max_bytes: i
                            + (f", or URLs under {list(allow)})" if allow else
                               "; start it with --allow-url PREFIX to fetch some)"),
                            param=where)  # fmt: skip
-    import httpx
-
-    try:
-        client = httpx.AsyncClient(timeout=FETCH_TIMEOUT_S, follow_redirects=False)
-        async with client, client.stream("GET", url) as response:
-            if response.status_code != 200:
-                raise RequestError(f"{where}: fetching {url} gave HTTP {response.status_code}",
-                                   param=where)  # fmt: skip
-            data = bytearray()
-            async for chunk in response.aiter_bytes():
-                data += chunk
-                if len(data) > max_bytes:
-                    raise RequestError(f"{where}: {url} is larger than {max_bytes} bytes",
-                                       status=413, param=where)  # fmt: skip
-            return bytes(data)
-    except httpx.HTTPError as err:
-        raise RequestError(f"{where}: fetching {url} failed: {type(err).__name__}",
-                           param=where) from None  # fmt: skip
+    return await fetch_url(url, where, allow, max_bytes, allow_private=allow_private)
 
 
 def chat_parts(obj: dict[str, Any]) -> tuple[list[str], list[tuple[str, Any]]]:
@@ -234,7 +204,8 @@ def mount_chat(app: FastAPI, ctx: Context) -> None:
             raise RequestError(f"the user message has {len(images)} images; this model reads "
                                "one image_url part", param="messages")  # fmt: skip
         where, url = images[0]
-        image = await image_bytes(url, where, config.allow_urls, round(config.max_body_mb * 2**20))
+        limit, private = round(config.max_body_mb * 2**20), config.allow_private_urls
+        image = await image_bytes(url, where, config.allow_urls, limit, private)
         question = " ".join(t.strip() for t in texts).strip()
         fields = adapter.chat_fields(question, image, options)
         with ctx.admission() as ticket:

@@ -242,7 +242,9 @@ def mount_llm_chat(app: FastAPI, ctx: Context) -> None:
                     if part.kind == "image":
                         at = f"{part.where}.image_url.url"
                         try:
-                            value = await image_bytes(value, at, config.allow_urls, max_bytes)
+                            value = await image_bytes(
+                                value, at, config.allow_urls, max_bytes, config.allow_private_urls
+                            )
                         except RequestError as err:  # 422 there; a bad body is a 400 here
                             status = 400 if err.status == 422 else err.status
                             raise RequestError(err.message, status, at) from None
