@@ -587,3 +587,15 @@ def test_two_inference_workers(engine):
             answers = list(pool.map(lambda b: c.post("/v1/predict", json=b), bodies))
         assert [a.status_code for a in answers] == [200] * 12
         assert {a.json()["label"] for a in answers} == {"r"}
+
+
+def test_media_limits_are_set_at_serve_time(engine):
+    config = ServeConfig(max_image_pixels=500, max_audio_seconds=0.2)
+    with TestClient(create_app(engine, config)) as c:
+        r = c.post("/v1/predict", json={"image": b64(RED)})
+        assert r.status_code == 422 and "over the limit of 500" in r.text, r.text
+        r = c.post("/v1/predict", json={"audio": b64(wav_bytes(sine(440, 0.5)))})
+        assert r.status_code == 422 and "over the limit of 0.2 s" in r.text, r.text
+        assert c.post("/v1/predict", json={"audio": b64(wav_bytes(sine(440, 0.1)))}).is_success
+    with TestClient(create_app(engine, ServeConfig(max_image_pixels=40_000_000))) as c:
+        assert c.post("/v1/predict", json={"image": b64(RED)}).status_code == 200

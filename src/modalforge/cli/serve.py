@@ -98,6 +98,22 @@ def serve(
             "answered 429 + Retry-After (0: no cap).",
         ),
     ] = 64,
+    max_image_pixels: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Largest image a request may send, in pixels, read from its header before "
+            "decoding (422 above). Default: the bundle's, 40,000,000.",
+        ),
+    ] = None,
+    max_audio_seconds: Annotated[
+        float | None,
+        typer.Option(
+            min=0.1,
+            help="Longest audio a request may send, read from its header before decoding (422 "
+            "above). Default: 120 s.",
+        ),
+    ] = None,
 ) -> None:
     """Serve a bundle over HTTP: /v1/predict (JSON or multipart), /v1/predict/batch, /v1/models,
     /healthz, /readyz, /metrics, OpenAPI at /docs, and a browser playground at /. Contrastive
@@ -120,7 +136,9 @@ def serve(
                          request_timeout_s=request_timeout_s, api_key=api_key or None,
                          allow_urls=tuple(allow_url or ()), allow_private_urls=allow_private_urls,
                          rate_limit=rate_limit, rate_burst=rate_burst,
-                         max_client_concurrency=max_client_concurrency or None)  # fmt: skip
+                         max_client_concurrency=max_client_concurrency or None,
+                         max_image_pixels=max_image_pixels,
+                         max_audio_seconds=max_audio_seconds)  # fmt: skip
     if rate_limit is not None and not (0 < rate_limit < float("inf")):
         fail(f"--rate-limit must be a positive number of requests per second, not {rate_limit}")
     import torch

@@ -63,6 +63,10 @@ class ServeConfig:
     rate_limit: float | None = None  # requests per second; None: no rate limit
     rate_burst: int = 20  # requests a client may send at once before the rate applies
     max_client_concurrency: int | None = 64  # requests in flight per client; None: no cap
+    # what one image / audio input may be, checked from its header (None: the bundle's own,
+    # 40 M pixels; audio: 120 s, 600 s for speech-to-text)
+    max_image_pixels: int | None = None
+    max_audio_seconds: float | None = None
 
 
 def error_body(
@@ -242,6 +246,7 @@ def create_app(
     import os
 
     config = config or ServeConfig()
+    engine.limit_media(config.max_image_pixels, config.max_audio_seconds)
     if index is not None:
         check_index(engine, index)
     metrics = ServerMetrics()
