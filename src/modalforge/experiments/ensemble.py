@@ -31,6 +31,7 @@ from modalforge.data.manifest import Manifest
 from modalforge.experiments.crossval import assign_folds
 from modalforge.experiments.run import RunOptions, train_run
 from modalforge.experiments.sweep import ROW, pinned_split, split_counts
+from modalforge.files import atomic_path
 from modalforge.tasks.classification import MultimodalPredictor
 from modalforge.tasks.prediction import Prediction, prediction_table
 
@@ -276,5 +277,6 @@ def _write_predictions(ensemble: EnsemblePredictor, evaluation: dict[str, Any], 
     else:
         table["value"] = y
         table["prediction"] = probs[:, 0]
-    table.to_csv(path, index=False)
+    with atomic_path(path) as tmp:
+        table.to_csv(tmp, index=False)
     return path
