@@ -392,7 +392,7 @@ def add_variant(
     # never a manifest whose sha256s do not match the files: stage every file under a hidden
     # temporary name; if files the manifest lists are about to be overwritten, first drop the
     # variant from the manifest; rename the files in; then write the new manifest.
-    for folder in {(root / fname).parent for fname in files}:
+    for folder in {root, *((root / fname).parent for fname in files)}:
         remove_stale_temps(folder)
     staged: dict[str, Path] = {}
     try:

@@ -74,10 +74,11 @@ def crash_point(name: str) -> None:
 _TEMP = re.compile(r"^\..+\.(?:tmp|old)-(\d+)-[0-9a-f]{8}(?:\.[^.]*)?$")
 
 
-def temp_name(path: Path, kind: str = "tmp") -> Path:
+def temp_name(path: Path, kind: str = "tmp", suffix: bool = True) -> Path:
     """A hidden sibling of ``path`` for writing it: ``.NAME.tmp-PID-HEX`` + ``path``'s suffix
     (so writers that pick a format by suffix — ``soundfile``, ``savefig`` — still do)."""
-    return path.with_name(f".{path.name}.{kind}-{os.getpid()}-{secrets.token_hex(4)}{path.suffix}")
+    end = path.suffix if suffix else ""
+    return path.with_name(f".{path.name}.{kind}-{os.getpid()}-{secrets.token_hex(4)}{end}")
 
 
 def _pid_alive(pid: int) -> bool:
@@ -216,7 +217,7 @@ def replace_dir(tmp: Path, target: Path, point: str | None = None) -> None:
         fsync_dir(target.parent)
         shutil.rmtree(tmp, ignore_errors=True)
         return
-    old = temp_name(target, "old")
+    old = temp_name(target, "old", suffix=False)
     os.rename(target, old)
     try:
         if point:
@@ -241,7 +242,7 @@ def atomic_dir(path: str | os.PathLike[str], point: str | None = None) -> Iterat
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(target.parent)
-    tmp = temp_name(target)
+    tmp = temp_name(target, suffix=False)
     tmp.mkdir()
     try:
         if point:

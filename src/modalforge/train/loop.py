@@ -65,8 +65,9 @@ def atomic_checkpoint_io():
             path = Path(path)
             path.parent.mkdir(parents=True, exist_ok=True)
             remove_stale_temps(path.parent)
-            atomic_write_bytes(path, buffer.getvalue(), point="checkpoint")
-            crash_point("checkpoint.saved")
+            # crash points checkpoint.last.partial / .rename / .saved (and best)
+            atomic_write_bytes(path, buffer.getvalue(), point=f"checkpoint.{path.stem}")
+            crash_point(f"checkpoint.{path.stem}.saved")
 
     return AtomicCheckpointIO()
 
