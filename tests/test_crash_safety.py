@@ -328,6 +328,8 @@ def export_args(bundle: Path, toy: Path, *extra: str) -> list:
 
 
 PRUNE = ("--prune", "0.3", "--finetune-epochs", "1", "--max-f1-drop", "1")
+# the replacement prunes more: other bytes under the same file names
+REPRUNE = ("--prune", "0.6", "--finetune-epochs", "1", "--max-f1-drop", "1", "--overwrite")
 
 
 def test_onnx_export_killed_before_its_files_are_in_leaves_the_bundle_as_it_was(cli, toy, trained):
@@ -353,15 +355,17 @@ def test_pruned_variant_old_none_or_new_after_each_kill(cli, toy, trained):
     cli(*export_args(bundle, toy, *PRUNE))
     first = bundle_state(bundle)
     assert "pruned" in load_bundle(bundle).variants and first != base
-    cli(*export_args(bundle, toy, *PRUNE, "--overwrite"), crash="variant.manifest.rename:1")
+    cli(*export_args(bundle, toy, *REPRUNE), crash="variant.manifest.rename:1")
     assert bundle_state(bundle) == first  # the old variant, whole
-    cli(*export_args(bundle, toy, *PRUNE, "--overwrite"), crash="variant.files")
+    cli(*export_args(bundle, toy, *REPRUNE), crash="variant.files")
     assert bundle_state(bundle) == base  # no variant: never a manifest naming the wrong bytes
     # no variant to drop now: the one manifest written is the final one, killed half written
-    cli(*export_args(bundle, toy, *PRUNE, "--overwrite"), crash="variant.manifest.partial:1")
+    cli(*export_args(bundle, toy, *REPRUNE), crash="variant.manifest.partial:1")
     assert bundle_state(bundle) == base
-    cli(*export_args(bundle, toy, *PRUNE, "--overwrite"))
-    assert "pruned" in load_bundle(bundle).variants
+    cli(*export_args(bundle, toy, *REPRUNE))
+    last = bundle_state(bundle)
+    assert load_bundle(bundle).variants["pruned"]["pruning"]["amount"] == 0.6
+    assert last.keys() == first.keys() and last != first
     for folder in (bundle, bundle / "pruned"):  # dead writers' temporaries cleared
         assert not [p for p in folder.iterdir() if p.name.startswith(".")]
 
