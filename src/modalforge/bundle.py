@@ -13,11 +13,14 @@ A bundle never contains pickles: weights are written and read with ``safetensors
 ``torch.save`` / ``torch.load``), and :func:`load_bundle` refuses a folder holding ``*.pt``,
 ``*.pth``, ``*.pkl``, ``*.bin``, ... files that are not files of a declared variant.
 
-Writes are atomic: :func:`save_bundle` builds the whole bundle in a hidden temporary folder next
-to the target and renames it into place; :func:`add_variant` renames finished files into the
-bundle and then replaces ``modalforge.json`` in one ``os.replace``. A reader therefore sees the
-old bundle or the new one, never a half-written one. (Neither function is safe against two
-writers changing the *same* bundle at the same time.)
+Writes are atomic (through :mod:`modalforge.files`): :func:`save_bundle` builds the whole bundle
+in a hidden temporary folder next to the target and swaps it into place; :func:`add_variant`
+stages the variant's files under hidden names, drops the variant from ``modalforge.json`` first
+when its files are about to be overwritten, renames the files in, then replaces
+``modalforge.json`` in one ``os.replace``. A reader, or a rerun after ``kill -9``, therefore
+sees the old bundle or variant, none, or the new one, never a half-written one or a manifest
+whose sha256s do not match. (Neither function is safe against two writers changing the *same*
+bundle at the same time.)
 
 This is the public module: :class:`Bundle`, :func:`save_bundle`, :func:`add_variant`,
 :func:`load_bundle`, :func:`write_weights` and the durable-write helpers live here. The format's
