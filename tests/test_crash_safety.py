@@ -41,6 +41,7 @@ from modalforge.index import EmbeddingIndex
 from .conftest import write_toy_manifest
 
 KILLED = -signal.SIGKILL
+LIMIT_S = 300  # a command still running after this is killed and fails its test
 # the children import this checkout's modalforge, wherever they run from
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(
     [str(Path(modalforge.__file__).parents[1]), *filter(None, [os.environ.get("PYTHONPATH")])]
@@ -119,14 +120,16 @@ class Cli:
         self.proc.stdin.write(json.dumps(request) + "\n")
         self.proc.stdin.flush()
         pid = json.loads(self.proc.stdout.readline())["pid"]
-        timer = None
+        timers = [threading.Timer(LIMIT_S, os.kill, (pid, signal.SIGKILL))]  # a hung child
         if kill_after is not None:
-            timer = threading.Timer(kill_after, os.kill, (pid, signal.SIGKILL))
+            timers.append(threading.Timer(kill_after, os.kill, (pid, signal.SIGKILL)))
+        for timer in timers:
             timer.start()
         rc = json.loads(self.proc.stdout.readline())["rc"]
-        if timer is not None:
+        for timer in timers:
             timer.cancel()
         done = Done(rc, log.read_text(errors="replace"), time.perf_counter() - t0)
+        assert done.seconds < LIMIT_S, f"{args} ran for over {LIMIT_S} s: killed\n{done.log}"
         if crash:  # the point must have been reached: a kill point that never fires tests nothing
             assert done.rc == KILLED, f"{args} did not die at {crash}: rc {done.rc}\n{done.log}"
         elif ok and kill_after is None:
@@ -251,6 +254,15 @@ def test_train_killed_before_any_checkpoint_starts_clean(cli, toy):
     assert visible(run / "checkpoints") == []
     cli("train", "--config", cfg, "--resume")  # nothing to resume: a clean start
     assert history(run)["resumed_from_epoch"] is None and history(run)["epochs_run"] == 2
+
+
+def test_resume_from_a_damaged_checkpoint_is_a_clear_error(cli, toy, tmp_path):
+    """Not one modalforge writes (its checkpoints are atomic), but one copied in half."""
+    run = tmp_path / "damaged"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "last.ckpt").write_bytes(b"PK\x03\x04 half a zip")
+    done = cli("train", "--config", config(cli, toy, run), "--resume", ok=False)
+    assert done.rc == 1 and "last.ckpt: cannot read this checkpoint" in done.log.replace("\n", "")
 
 
 # -- train: the feature cache ----------------------------------------------------------------
@@ -494,6 +506,53 @@ def test_data_build_killed_is_never_taken_for_a_finished_build(cli):
     assert "built avdigits: 6 rows" in cli(*build).log  # rebuilt, not "up to date"
     assert_dataset(out, 6)
     assert (out / "dataset.json").read_bytes() == stamp
+
+
+# -- modalforge.files itself ----------------------------------------------------------------
+
+
+def test_crash_point_fires_on_the_nth_pass_only():
+    code = ("from modalforge.files import crash_point\n"
+            "for i in range(5):\n"
+            "    crash_point('other'); crash_point('here'); print(i, flush=True)\n")  # fmt: skip
+    for wanted, printed in (("here", ""), ("here:3", "0\n1\n"), ("nowhere", "0\n1\n2\n3\n4\n")):
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                              env={**ENV, "MODALFORGE_CRASH_AT": wanted}, timeout=60)  # fmt: skip
+        assert proc.stdout == printed
+        assert proc.returncode == (0 if wanted == "nowhere" else KILLED)
+
+
+def test_atomic_writes_leave_the_old_file_on_error_and_no_temporary(tmp_path):
+    from modalforge.files import atomic_path, atomic_write_json
+
+    target = tmp_path / "a.json"
+    atomic_write_json(target, {"v": 1})
+    with pytest.raises(OSError, match="disk full"), atomic_path(target) as tmp:
+        tmp.write_text("{half")
+        raise OSError("disk full")
+    assert json.loads(target.read_text()) == {"v": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["a.json"]
+
+
+def test_atomic_dir_swaps_a_whole_folder_and_clears_dead_writers_temporaries(tmp_path):
+    from modalforge.files import atomic_dir, remove_stale_temps, temp_name
+
+    target = tmp_path / "out"
+    with atomic_dir(target) as tmp:
+        (tmp / "x").write_text("old")
+    dead = tmp_path / ".out.tmp-999999999-0123abcd"  # no such pid
+    dead.mkdir()
+    live = temp_name(target)  # this process: still writing
+    live.write_text("")
+    with pytest.raises(ValueError), atomic_dir(target) as tmp:
+        (tmp / "x").write_text("new, never finished")
+        raise ValueError
+    assert (target / "x").read_text() == "old" and not dead.exists() and live.exists()
+    with atomic_dir(target) as tmp:
+        (tmp / "x").write_text("new")
+    assert (target / "x").read_text() == "new"
+    assert remove_stale_temps(tmp_path) == []  # the live one is kept
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["out", live.name])
 
 
 # -- the harness as a whole ------------------------------------------------------------------

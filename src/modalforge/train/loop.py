@@ -77,7 +77,7 @@ def _checkpoint_epoch(path: Path) -> int:
     try:
         return int(torch.load(path, map_location="cpu", weights_only=False)["epoch"])
     except Exception as err:  # torch raises several kinds for a damaged file
-        raise RuntimeError(
+        raise ValueError(
             f"{path}: cannot read this checkpoint to resume from ({type(err).__name__}: {err}); "
             "delete it to start the run again, or train without --resume"
         ) from err
