@@ -110,6 +110,12 @@ def remove_stale_temps(folder: str | os.PathLike[str]) -> list[Path]:
     return removed
 
 
+def sync_all() -> None:
+    """Flush every file system's written data to disk (``os.sync``, where there is one)."""
+    if hasattr(os, "sync"):
+        os.sync()
+
+
 def fsync_dir(path: str | os.PathLike[str]) -> None:
     """Make a rename in ``path`` durable (where the platform allows fsync on a folder)."""
     with contextlib.suppress(OSError):
@@ -126,12 +132,15 @@ def _fsync_file(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike[str], point: str | None = None) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike[str], point: str | None = None,
+                durable: bool = True) -> Iterator[Path]:  # fmt: skip
     """Yield a temporary path next to ``path`` to write the file to; on success it is fsynced
     and renamed over ``path`` (``os.replace``), on an exception it is removed.
 
     ``point`` names the crash points ``POINT.write`` (before the body runs) and
-    ``POINT.rename`` (the temporary complete, ``path`` not yet replaced).
+    ``POINT.rename`` (the temporary complete, ``path`` not yet replaced). ``durable=False``
+    skips the fsyncs (still atomic against a killed process; for the thousands of sample files
+    of a dataset build, which syncs once before it writes the file that marks it complete).
 
         with atomic_path(out / "plot.png") as tmp:
             fig.savefig(tmp)
@@ -143,7 +152,8 @@ def atomic_path(path: str | os.PathLike[str], point: str | None = None) -> Itera
         if point:
             crash_point(f"{point}.write")
         yield tmp
-        _fsync_file(tmp)
+        if durable:
+            _fsync_file(tmp)
         if point:
             crash_point(f"{point}.rename")
         os.replace(tmp, target)
@@ -151,14 +161,16 @@ def atomic_path(path: str | os.PathLike[str], point: str | None = None) -> Itera
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
-    fsync_dir(target.parent)
+    if durable:
+        fsync_dir(target.parent)
 
 
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, point: str | None = None) -> Path:
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, point: str | None = None,
+                       durable: bool = True) -> Path:  # fmt: skip
     """Write ``data`` to ``path`` atomically (see :func:`atomic_path`). With ``point``, the
     crash point ``POINT.partial`` fires with half the bytes in the temporary."""
     path = Path(path)
-    with atomic_path(path, point) as tmp, tmp.open("wb") as f:
+    with atomic_path(path, point, durable) as tmp, tmp.open("wb") as f:
         if point:
             half = len(data) // 2
             f.write(data[:half])
@@ -270,5 +282,6 @@ __all__ = [
     "remove_stale_temps",
     "replace_dir",
     "sha256_file",
+    "sync_all",
     "temp_name",
 ]

@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 import numpy as np
 import soundfile as sf
 
-from modalforge.files import atomic_path, atomic_write_json, fsync_dir
+from modalforge.files import atomic_path, atomic_write_json, fsync_dir, sync_all
 
 T = TypeVar("T")
 
@@ -26,7 +26,7 @@ def stable_rng(*parts: object) -> np.random.Generator:
 
 def write_flac(path: Path, wave: np.ndarray, sample_rate: int) -> None:
     """Write a mono float wave as 16-bit FLAC, atomically (an interrupted build leaves no stub)."""
-    with atomic_path(path) as tmp:
+    with atomic_path(path, durable=False) as tmp:  # write_meta syncs once for all of them
         sf.write(tmp, np.clip(wave, -1.0, 1.0), sample_rate, subtype="PCM_16", format="FLAC")
 
 
@@ -96,7 +96,9 @@ def start_build(out: Path, recipe: dict[str, Any], generated: Iterable[str]) -> 
 
 
 def write_meta(out: Path, meta: dict[str, Any]) -> None:
-    """``out/dataset.json``, the last file of a build: its presence marks the build complete."""
+    """``out/dataset.json``, the last file of a build: its presence marks the build complete,
+    so the sample files (written without an fsync each) are flushed to disk first."""
+    sync_all()
     atomic_write_json(out / "dataset.json", meta, point="data.meta", ensure_ascii=False)
 
 

@@ -392,7 +392,7 @@ def build_avdigits(
         # Every file is rewritten: a build takes seconds.
         def make(i: int) -> str:
             pixels = degrade_image(images[i], stable_rng("avdigits", seed, "image", ids[i]))
-            atomic_write_bytes(out / "images" / f"{ids[i]}.png", png_bytes(pixels))
+            atomic_write_bytes(out / "images" / f"{ids[i]}.png", png_bytes(pixels), durable=False)
             rng = stable_rng("avdigits", seed, "audio", ids[i])
             source, wave = noisy_clip(pool[labels[i]], rng, babble_pool=pool)
             write_flac(out / "audio" / f"{ids[i]}.flac", wave, SAMPLE_RATE)

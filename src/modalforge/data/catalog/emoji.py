@@ -123,7 +123,7 @@ def build_emoji(
         for r in rows:
             target = out / "images" / r["image_file"]
             if not target.is_file():
-                atomic_write_bytes(target, images[r["image_file"]])
+                atomic_write_bytes(target, images[r["image_file"]], durable=False)
 
         def synthesize(row: dict) -> dict:
             voice = pick_voice(row["id"], seed)
