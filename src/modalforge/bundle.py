@@ -13,11 +13,14 @@ A bundle never contains pickles: weights are written and read with ``safetensors
 ``torch.save`` / ``torch.load``), and :func:`load_bundle` refuses a folder holding ``*.pt``,
 ``*.pth``, ``*.pkl``, ``*.bin``, ... files that are not files of a declared variant.
 
-Writes are atomic: :func:`save_bundle` builds the whole bundle in a hidden temporary folder next
-to the target and renames it into place; :func:`add_variant` renames finished files into the
-bundle and then replaces ``modalforge.json`` in one ``os.replace``. A reader therefore sees the
-old bundle or the new one, never a half-written one. (Neither function is safe against two
-writers changing the *same* bundle at the same time.)
+Writes are atomic (through :mod:`modalforge.files`): :func:`save_bundle` builds the whole bundle
+in a hidden temporary folder next to the target and swaps it into place; :func:`add_variant`
+stages the variant's files under hidden names, drops the variant from ``modalforge.json`` first
+when its files are about to be overwritten, renames the files in, then replaces
+``modalforge.json`` in one ``os.replace``. A reader, or a rerun after ``kill -9``, therefore
+sees the old bundle or variant, none, or the new one, never a half-written one or a manifest
+whose sha256s do not match. (Neither function is safe against two writers changing the *same*
+bundle at the same time.)
 
 This is the public module: :class:`Bundle`, :func:`save_bundle`, :func:`add_variant`,
 :func:`load_bundle`, :func:`write_weights` and the durable-write helpers live here. The format's
@@ -34,7 +37,6 @@ import datetime as _dt
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,7 +67,15 @@ from modalforge.bundle_format import (  # re-exported: these names were defined 
     _to_json,
     _validate_meta,
 )
-from modalforge.files import sha256_file
+from modalforge.files import (
+    atomic_dir,
+    atomic_write_text,
+    crash_point,
+    fsync_dir,
+    remove_stale_temps,
+    sha256_file,
+    temp_name,
+)
 from modalforge.schema import Schema
 
 # -- the Bundle ------------------------------------------------------------------------------
@@ -319,11 +329,10 @@ def save_bundle(
         for name, value in asset_values.items()
     }
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
+    # built in a hidden sibling folder, fsynced, then swapped in (modalforge.files.atomic_dir)
+    with atomic_dir(path, point="bundle") as tmp:
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})  # as write_weights
-        _fsync(tmp / WEIGHTS_NAME)
+        crash_point("bundle.weights")
         for name, text in asset_json.items():
             target = tmp / name
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -331,11 +340,7 @@ def save_bundle(
         files = {name: _file_entry(tmp / name) for name in [WEIGHTS_NAME, *asset_json]}
         meta = _ordered({**meta_base, "files": dict(sorted(files.items()))})
         _write_text_durable(tmp / MANIFEST_NAME, _dumps(meta))
-        _fsync_dir(tmp)
-        _swap_into_place(tmp, path, overwrite)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        _check_target(path, overwrite)  # again: it may have changed while we were writing
     return Bundle(path=path, meta=meta)
 
 
@@ -386,34 +391,40 @@ def add_variant(
     old_files = set(bundle.variants.get(name, {}).get("files", []))
     _check_no_nested_clash([*taken, *old_files - set(files), *files], f"{where}: file")
 
+    # Order, so that a crash anywhere leaves the old variant, no variant or the new one, and
+    # never a manifest whose sha256s do not match the files: stage every file under a hidden
+    # temporary name; if files the manifest lists are about to be overwritten, first drop the
+    # variant from the manifest; rename the files in; then write the new manifest.
+    for folder in {root, *((root / fname).parent for fname in files)}:
+        remove_stale_temps(folder)
     staged: dict[str, Path] = {}
     try:
         for fname, source in files.items():
             target = root / fname
             target.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
-            os.close(fd)
-            staged[fname] = Path(tmp_name)
+            staged[fname] = tmp = temp_name(target)
             if isinstance(source, bytes | bytearray | memoryview):
-                Path(tmp_name).write_bytes(bytes(source))
+                tmp.write_bytes(bytes(source))
             else:
                 source = Path(source)
                 if not source.is_file():
                     raise BundleError(f"{where}: source {source} is not a file")
-                shutil.copyfile(source, tmp_name)
-            _fsync(Path(tmp_name))
+                shutil.copyfile(source, tmp)
+            _fsync(tmp)
         entries = {fname: _file_entry(tmp) for fname, tmp in staged.items()}
+        crash_point("variant.staged")
+        if old_files & set(files):
+            _write_manifest_atomic(root, _without_variant(bundle.meta, name))
         for fname, tmp in staged.items():
             os.replace(tmp, root / fname)
         staged.clear()
+        crash_point("variant.files")
     except BaseException:
         for tmp in staged.values():
             tmp.unlink(missing_ok=True)
         raise
 
-    meta = json.loads(json.dumps(bundle.meta))  # a deep copy
-    for stale in old_files - set(files):
-        meta["files"].pop(stale, None)
+    meta = _without_variant(bundle.meta, name)
     meta["files"].update(entries)
     meta["files"] = dict(sorted(meta["files"].items()))
     created = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
@@ -502,36 +513,16 @@ def _check_target(path: Path, overwrite: bool) -> None:
             )
 
 
-def _swap_into_place(tmp: Path, path: Path, overwrite: bool) -> None:
-    """Rename the finished ``tmp`` folder to ``path``. An existing bundle (or empty folder) is
-    moved aside first and deleted after, so ``path`` never holds a partial bundle."""
-    if not path.exists():
-        os.rename(tmp, path)
-        _fsync_dir(path.parent)
-        return
-    _check_target(path, overwrite)  # again: it may have changed while we were writing
-    old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
-    old.rmdir()
-    os.rename(path, old)
-    try:
-        os.rename(tmp, path)
-    except BaseException:
-        os.rename(old, path)
-        raise
-    _fsync_dir(path.parent)
-    shutil.rmtree(old, ignore_errors=True)
+def _without_variant(meta: dict[str, Any], name: str) -> dict[str, Any]:
+    """A deep copy of a bundle manifest without variant ``name`` and its files."""
+    meta = json.loads(json.dumps(meta))
+    for stale in meta["variants"].pop(name, {}).get("files", []):
+        meta["files"].pop(stale, None)
+    return meta
 
 
 def _write_manifest_atomic(root: Path, meta: dict[str, Any]) -> None:
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{MANIFEST_NAME}.tmp-", dir=root)
-    os.close(fd)
-    try:
-        _write_text_durable(Path(tmp_name), _dumps(meta))
-        os.replace(tmp_name, root / MANIFEST_NAME)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    _fsync_dir(root)
+    atomic_write_text(root / MANIFEST_NAME, _dumps(meta), point="variant.manifest")
 
 
 def write_weights(state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike[str]) -> Path:
@@ -554,9 +545,4 @@ def _fsync(path: Path) -> None:
 
 
 def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):  # not every platform / file system allows it
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    fsync_dir(path)  # where the platform / file system allows it

@@ -35,13 +35,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
 import numpy as np
+
+from modalforge.files import atomic_dir, crash_point
 
 INDEX_FORMAT_VERSION = 1
 MANIFEST_NAME = "index.json"
@@ -280,24 +280,13 @@ class EmbeddingIndex:
                 any(target.iterdir()) and not (target / MANIFEST_NAME).is_file()
             ):
                 raise FileExistsError(f"{target} exists and is not an embedding index folder")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-        try:
+        with atomic_dir(target, point="index") as tmp:
             self._write_files(tmp)
-            if target.exists():
-                old = target.with_name(f".{target.name}.old")
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(target, old)
-                os.replace(tmp, target)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, target)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
         return target
 
     def _write_files(self, folder: Path) -> None:
         np.save(folder / VECTORS_NAME, self._vectors, allow_pickle=False)
+        crash_point("index.vectors")
         if self._hnsw is not None:
             _faiss().write_index(self._hnsw, str(folder / HNSW_NAME))
         manifest = {

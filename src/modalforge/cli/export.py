@@ -10,6 +10,7 @@ import typer
 from rich.table import Table
 
 from modalforge.cli._common import _split_rows, console, err_console, fail
+from modalforge.files import atomic_write_json
 
 
 def export(
@@ -177,8 +178,7 @@ def bench(
             result = bench_bundle(bundle, selected, meta.get("label_column"), variant, rows)
     except (BundleError, ValueError, FileNotFoundError) as err:
         fail(str(err))
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bench.json").write_text(json.dumps(result, indent=2))
+    atomic_write_json(out / "bench.json", result)
     plot(result, out / "bench.png")
     table = Table(title=f"{bundle} ({result['rows']} rows timed)", title_justify="left")
     for col in ("variant", "MB", "b1 p50/p99 ms", "b1 model ms", "b32 p50 ms", "b32 samples/s",

@@ -245,7 +245,10 @@ def predict(
     except (BundleError, ValueError, FileNotFoundError, KeyError) as err:
         fail(str(err))
     if out is not None:
-        table.to_csv(out, index=False)
+        from modalforge.files import atomic_path
+
+        with atomic_path(out) as tmp:
+            table.to_csv(tmp, index=False)
         console.print(f"{len(table)} predictions -> {out}")
     elif len(table) == 1 and "label" in table:
         _print_one(table.iloc[0])

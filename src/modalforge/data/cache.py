@@ -22,6 +22,7 @@ import torch
 
 from modalforge.data.manifest import is_missing, resolve_path
 from modalforge.encoders.base import Encoder
+from modalforge.files import crash_point
 from modalforge.schema import Modality
 
 
@@ -125,11 +126,15 @@ class FeatureCache:
             t0 = time.perf_counter()
             new = self._encode(todo, encode_batch, batch_size, progress, encoder.name)
             stats.encode_seconds += time.perf_counter() - t0
+            crash_point("cache.insert")
+            # one transaction: a run killed before its commit leaves the cache as it was
+            # (SQLite's journal rolls the half back), and the next run encodes those again
             with self._db(ns) as db:
                 db.executemany(
                     "INSERT OR REPLACE INTO features VALUES (?, ?, ?)",
                     [(k, len(vec), vec.astype(np.float32).tobytes()) for k, vec in new.items()],
                 )
+                crash_point("cache.commit")
             found.update(new)
         out = np.zeros((len(values), dim or encoder.output_dim), dtype=np.float32)
         for i, key in enumerate(keys):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,6 +12,7 @@ from modalforge.data.errors import DecodeError
 from modalforge.data.image import decode_image
 from modalforge.data.manifest import Manifest, PathOutsideRoot, is_missing
 from modalforge.data.validate import ValidationReport, validate_manifest
+from modalforge.files import atomic_path, atomic_write_json
 from modalforge.schema import Modality, Schema
 
 FONT_PATHS = ("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",)
@@ -68,9 +68,7 @@ def inspect_manifest(
             result.contact_sheet = contact_sheet(
                 manifest, schema, good, out_dir / "contact_sheet.png", samples
             )
-        (out_dir / "inspection.json").write_text(
-            json.dumps(result.to_dict(), indent=2, ensure_ascii=False), encoding="utf-8"
-        )
+        atomic_write_json(out_dir / "inspection.json", result.to_dict(), ensure_ascii=False)
         report.write(out_dir / "problems.csv")
     return result
 
@@ -140,6 +138,6 @@ def contact_sheet(
                 font=small,
             )
             ty += 13
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sheet.save(path)
+    with atomic_path(path) as tmp:
+        sheet.save(tmp, format="PNG")
     return path

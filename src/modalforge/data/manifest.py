@@ -15,6 +15,8 @@ from typing import Any
 
 import pandas as pd
 
+from modalforge.files import atomic_path
+
 FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet"}
 
 
@@ -123,13 +125,11 @@ def write_manifest(frame: pd.DataFrame, path: str | Path) -> Path:
     fmt = FORMATS.get(path.suffix.lower())
     if fmt is None:
         raise ManifestError(f"{path}: unknown manifest format {path.suffix!r}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    if fmt == "csv":
-        frame.to_csv(tmp, index=False)
-    elif fmt == "jsonl":
-        frame.to_json(tmp, orient="records", lines=True, force_ascii=False)
-    else:
-        frame.to_parquet(tmp, index=False)
-    tmp.replace(path)
+    with atomic_path(path, point="manifest") as tmp:
+        if fmt == "csv":
+            frame.to_csv(tmp, index=False)
+        elif fmt == "jsonl":
+            frame.to_json(tmp, orient="records", lines=True, force_ascii=False)
+        else:
+            frame.to_parquet(tmp, index=False)
     return path

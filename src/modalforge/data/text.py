@@ -211,7 +211,9 @@ class WordVocab:
         return cls(data["tokens"], lowercase=bool(data.get("lowercase", True)))
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), ensure_ascii=False), encoding="utf-8")
+        from modalforge.files import atomic_write_text
+
+        atomic_write_text(path, json.dumps(self.to_dict(), ensure_ascii=False))
 
     @classmethod
     def load(cls, path: str | Path) -> WordVocab:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import collections
 import csv
-import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +22,7 @@ from modalforge.data.image import DEFAULT_MAX_PIXELS, decode_image
 from modalforge.data.manifest import Manifest, PathOutsideRoot, is_missing
 from modalforge.data.tabular import to_float
 from modalforge.data.text import normalize_text
+from modalforge.files import atomic_path, atomic_write_json
 from modalforge.schema import Column, Modality, Schema
 
 OnBadRow = Literal["skip", "fail"]
@@ -113,17 +113,14 @@ class ValidationReport:
     def write(self, path: str | Path) -> Path:
         """Write the report as JSON (``.json``) or one problem per CSV line (``.csv``)."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         if path.suffix.lower() == ".csv":
-            with path.open("w", newline="", encoding="utf-8") as f:
+            with atomic_path(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as f:
                 writer = csv.writer(f)
                 writer.writerow(["row", "where", "column", "kind", "message"])
                 for p in self.problems:
                     writer.writerow([p.row, self.where(p.row), p.column, p.kind, p.message])
         else:
-            path.write_text(
-                json.dumps(self.to_dict(), indent=2, ensure_ascii=False), encoding="utf-8"
-            )
+            atomic_write_json(path, self.to_dict(), ensure_ascii=False)
         return path
 
 

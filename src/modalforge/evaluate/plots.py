@@ -14,6 +14,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from modalforge.evaluate.metrics import CalibrationBins, Curve
+from modalforge.files import atomic_path
 
 DPI = 100
 MAX_CURVES = 10  # per-class ROC / PR curves drawn; more is an unreadable tangle
@@ -236,5 +237,6 @@ def plot_residuals(y_true: np.ndarray, y_pred: np.ndarray, path: Path) -> Path:
 
 
 def _save(fig: Figure, path: Path) -> Path:
-    fig.savefig(path, format="png", bbox_inches="tight")
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", bbox_inches="tight")
     return path

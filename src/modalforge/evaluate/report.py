@@ -24,6 +24,7 @@ from modalforge.evaluate.plots import (
     plot_residuals,
     plot_scatter,
 )
+from modalforge.files import atomic_write_text
 
 Metrics = ClassificationMetrics | RegressionMetrics
 WeightSummary = dict[str, dict[str, float | int | None]]
@@ -77,10 +78,11 @@ def write_report(
         "extra": extra,
     }
     text = json.dumps(json_safe(payload), indent=2, ensure_ascii=False, allow_nan=False)
-    (out / "metrics.json").write_text(text + "\n", encoding="utf-8")
-    (out / "report.md").write_text(to_markdown(title, sections), encoding="utf-8")
+    atomic_write_text(out / "report.md", to_markdown(title, sections))
     html_path = out / "report.html"
-    html_path.write_text(to_html(title, sections), encoding="utf-8")
+    atomic_write_text(html_path, to_html(title, sections))
+    # last: metrics.json is what a script reads, and its presence says the report is whole
+    atomic_write_text(out / "metrics.json", text + "\n", point="report")
     return html_path
 
 

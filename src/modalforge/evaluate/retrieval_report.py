@@ -4,13 +4,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from modalforge.data.manifest import resolve_path
+from modalforge.files import atomic_path, atomic_write_json, atomic_write_text
 from modalforge.schema import Modality
 
 EXAMPLES = 6  # queries shown
@@ -58,7 +58,8 @@ def _grid(path: Path, predictor, manifest, embedded, image: str, other: str) -> 
             ax.set_title(f"#{k + 1}", fontsize=8)
     fig.suptitle(f"{other} → {image}: top {TOP} of {len(both)} (green = right)", fontsize=11)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=90)
     plt.close(fig)
     return path
 
@@ -78,7 +79,6 @@ def write_retrieval_report(out_dir, predictor, manifest, embedded, result: dict[
                            title: str | None = None) -> Path:  # fmt: skip
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(result, indent=2, default=str))
     lines = [f"# {title or 'modalforge: contrastive alignment'}", "",
              f"{result['rows']} held-out rows; pairs {', '.join(result['pairs'])}; learned "
              f"temperature {result['temperature']:.4f}.", "", "## Retrieval", "",
@@ -106,5 +106,6 @@ def write_retrieval_report(out_dir, predictor, manifest, embedded, result: dict[
         if png is not None:
             lines += ["", f"![{other} → {image}]({png.name})"]
     path = out / "report.md"
-    path.write_text("\n".join(lines) + "\n")
+    atomic_write_text(path, "\n".join(lines) + "\n")
+    atomic_write_json(out / "metrics.json", result, point="report", default=str)
     return path

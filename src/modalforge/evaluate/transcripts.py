@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import csv
-import json
 import math
 import time
 from pathlib import Path
@@ -19,6 +18,7 @@ from modalforge.data.audio import SAMPLE_RATE, AudioConfig, load_audio
 from modalforge.data.errors import DecodeError
 from modalforge.data.manifest import is_missing
 from modalforge.encoders.pretrained.whisper import normalize_words, word_error_rate
+from modalforge.files import atomic_path, atomic_write_json, atomic_write_text
 from modalforge.progress import progress_bar
 
 AUDIO_COLUMN = "audio"
@@ -118,9 +118,10 @@ def write_evaluation(out_dir: Path, metrics: dict[str, Any], rows: list[dict[str
     from modalforge.evaluate.document import Paragraph, Section, Table, to_markdown
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False) + "\n",
-                                          encoding="utf-8")  # fmt: skip
-    with (out_dir / "transcripts.csv").open("w", newline="", encoding="utf-8") as f:
+    with (
+        atomic_path(out_dir / "transcripts.csv") as tmp,
+        tmp.open("w", newline="", encoding="utf-8") as f,
+    ):
         writer = csv.DictWriter(f, ["row", "audio", "reference", "hypothesis", "wer", "edits",
                                     "reference_words"])  # fmt: skip
         writer.writeheader()
@@ -155,8 +156,8 @@ def write_evaluation(out_dir: Path, metrics: dict[str, Any], rows: list[dict[str
     if metrics["failed"]:
         failed = Table(["row", "error"], [[str(r["row"]), r["error"]] for r in metrics["failed"]])
         sections.append(Section("Rows not scored", [failed]))
-    (out_dir / "report.md").write_text(to_markdown("Transcription evaluation", sections),
-                                       encoding="utf-8")  # fmt: skip
+    atomic_write_text(out_dir / "report.md", to_markdown("Transcription evaluation", sections))
+    atomic_write_json(out_dir / "metrics.json", metrics, ensure_ascii=False)
 
 
 __all__ = ["evaluate_transcriber", "word_edits", "write_evaluation"]

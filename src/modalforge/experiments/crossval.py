@@ -15,7 +15,6 @@ metrics with their mean and *sample* standard deviation (ddof=1) go to ``OUT/cv.
 
 from __future__ import annotations
 
-import json
 import math
 import warnings
 from dataclasses import replace
@@ -28,6 +27,7 @@ import pandas as pd
 from modalforge.data.split import stratified_split
 from modalforge.experiments.run import RunOptions, train_run
 from modalforge.experiments.sweep import ROW, metric_names, prepare
+from modalforge.files import atomic_path, atomic_write_json, atomic_write_text
 
 STD = "sample standard deviation over folds (ddof=1)"
 METRIC_TITLES = {"accuracy": "accuracy", "f1_macro": "macro F1", "auroc_macro": "macro AUROC",
@@ -105,7 +105,8 @@ def cross_validate(
     prepared = prepare(options, progress)
     fold = assign_folds(prepared.strata, folds, options.seed, prepared.groups)
     rows = prepared.frame[ROW].to_numpy()
-    pd.DataFrame({"row": rows, "fold": fold + 1}).to_csv(out / "folds.csv", index=False)
+    with atomic_path(out / "folds.csv") as tmp:
+        pd.DataFrame({"row": rows, "fold": fold + 1}).to_csv(tmp, index=False)
     names = metric_names(prepared.classifies)
 
     results = []
@@ -150,8 +151,8 @@ def cross_validate(
         "per_fold": [{k: v for k, v in r.items() if k != "test_rows"} for r in results],
         "assignment": str(out / "folds.csv"),
     }
-    (out / "cv.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
-    (out / "cv.md").write_text(_markdown(result), encoding="utf-8")
+    atomic_write_text(out / "cv.md", _markdown(result))
+    atomic_write_json(out / "cv.json", result)
     result["markdown"] = str(out / "cv.md")
     result["json"] = str(out / "cv.json")
     for entry, full in zip(result["per_fold"], results, strict=True):

@@ -31,6 +31,7 @@ from modalforge.data.manifest import Manifest
 from modalforge.experiments.crossval import assign_folds
 from modalforge.experiments.run import RunOptions, train_run
 from modalforge.experiments.sweep import ROW, pinned_split, split_counts
+from modalforge.files import atomic_path, atomic_write_json
 from modalforge.tasks.classification import MultimodalPredictor
 from modalforge.tasks.prediction import Prediction, prediction_table
 
@@ -257,7 +258,7 @@ def train_ensemble(
         "predictions": str(out / "predictions.csv"),
         "split": str(out / "split.csv"),
     }
-    (out / "ensemble.json").write_text(json.dumps(result, indent=2, default=str), encoding="utf-8")
+    atomic_write_json(out / "ensemble.json", result, default=str)
     result["predictor"] = ensemble
     return result
 
@@ -276,5 +277,6 @@ def _write_predictions(ensemble: EnsemblePredictor, evaluation: dict[str, Any], 
     else:
         table["value"] = y
         table["prediction"] = probs[:, 0]
-    table.to_csv(path, index=False)
+    with atomic_path(path) as tmp:
+        table.to_csv(tmp, index=False)
     return path

@@ -9,7 +9,6 @@ captioning -- else a classifier or regressor, guessed from the label).
 
 from __future__ import annotations
 
-import json
 import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -19,6 +18,7 @@ import yaml
 
 from modalforge.data.dataset import Augment
 from modalforge.data.manifest import Manifest
+from modalforge.files import atomic_write_json, atomic_write_text
 from modalforge.models import EncoderSpec
 from modalforge.models.multimodal import renamed_fusion_kwargs
 from modalforge.tasks.base import DEFAULT_ENCODERS, FitConfig, TaskPredictor
@@ -184,7 +184,7 @@ def train_run(
     """
     out = Path(options.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "run.yaml").write_text(yaml.safe_dump(options.to_dict(), sort_keys=False))
+    atomic_write_text(out / "run.yaml", yaml.safe_dump(options.to_dict(), sort_keys=False))
     data = manifest if manifest is not None else options.manifest
     predictor = options.predictor().fit(data, out_dir=out, resume=options.resume,
                                         progress=progress)  # fmt: skip
@@ -199,6 +199,6 @@ def train_run(
     if options.save_bundle:
         bundle = predictor.save(out / "bundle", metrics=summary.get("headline"), overwrite=True)
         summary["bundle"] = str(bundle.path)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    atomic_write_json(out / "summary.json", summary, point="summary", default=str)
     summary["predictor"] = predictor
     return summary

@@ -27,6 +27,7 @@ import pandas as pd
 
 from modalforge.data.manifest import Manifest
 from modalforge.experiments.run import RunOptions, train_run
+from modalforge.files import atomic_path, atomic_write_text
 
 # the original row position of every manifest row; columns starting with "_" are never inputs
 ROW = "_row"
@@ -129,7 +130,8 @@ def pinned_split(
 
 def write_split(prepared: Prepared, split: np.ndarray, path: Path, name: str = "split") -> Path:
     """``row`` (position in the manifest file) and ``split`` per used row, as CSV."""
-    pd.DataFrame({"row": prepared.frame[ROW].to_numpy(), name: split}).to_csv(path, index=False)
+    with atomic_path(path) as tmp:
+        pd.DataFrame({"row": prepared.frame[ROW].to_numpy(), name: split}).to_csv(tmp, index=False)
     return path
 
 
@@ -213,9 +215,10 @@ def sweep(
         "seconds": round(time.perf_counter() - started, 1),
         "cache": cache,
     }
-    table.to_csv(out / "sweep.csv", index=False)
+    with atomic_path(out / "sweep.csv") as tmp:
+        table.to_csv(tmp, index=False)
     chart = plot_sweep(table, prepared.classifies, out / "sweep.png")
-    (out / "sweep.md").write_text(_markdown(table, info, chart.name), encoding="utf-8")
+    atomic_write_text(out / "sweep.md", _markdown(table, info, chart.name))
     table.attrs.update(
         info, csv=str(out / "sweep.csv"), markdown=str(out / "sweep.md"), chart=str(chart)
     )
@@ -378,5 +381,6 @@ def plot_sweep(table: pd.DataFrame, classifies: bool, path: Path) -> Path:
     ax.set_xlabel(shown + " on the test split")
     ax.set_title(f"Sweep: {shown} per run")
     ax.grid(axis="x", alpha=0.3)
-    fig.savefig(path, format="png", bbox_inches="tight")
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", bbox_inches="tight")
     return path

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from modalforge.export.parity import compare, request_fields
+from modalforge.files import atomic_path
 
 
 def variant_size(bundle, variant: str) -> int:
@@ -115,6 +116,7 @@ def plot(result: dict[str, Any], path: Path) -> Path:
     axes[2].set_title("size")
     fig.suptitle(f"modalforge bench: {Path(result['bundle']).name} ({result['rows']} rows)")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
     return path

@@ -19,8 +19,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,7 +26,7 @@ from typing import Any
 
 import torch
 
-from modalforge.files import cache_dir, sha256_file
+from modalforge.files import atomic_dir, cache_dir, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -72,10 +70,9 @@ def convert_gguf(gguf: str | os.PathLike[str], out: str | os.PathLike[str]) -> P
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
                                                  dtype=torch.float32)  # fmt: skip
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the cache is shared like any other
-    try:
+    # built in a hidden sibling, then swapped in: a killed conversion leaves the old folder
+    # (or none), never a partial one (modalforge.files.atomic_dir)
+    with atomic_dir(out, point="llm.convert") as tmp:
         config = model.config.to_dict()
         config.pop("quantization_config", None)  # the weights are plain fp32 now
         config.pop("transformers_version", None)
@@ -90,12 +87,6 @@ def convert_gguf(gguf: str | os.PathLike[str], out: str | os.PathLike[str]) -> P
                     "files": files, "parameters": sum(v.numel() for v in state.values()),
                     "convert_seconds": round(time.perf_counter() - t0, 1)}  # fmt: skip
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info("converted %s in %.0f s -> %s", gguf.name, time.perf_counter() - t0, out)
     return out
 

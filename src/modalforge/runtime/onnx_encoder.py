@@ -26,6 +26,7 @@ exported whole, on their modality's batch keys (``INPUT_KEYS``).
 
 from __future__ import annotations
 
+import os
 import time
 import warnings
 from pathlib import Path
@@ -168,12 +169,15 @@ class OnnxEncoder:
 
     def _export(self, features: dict[str, torch.Tensor]) -> None:
         import shutil
-        import tempfile
+
+        from modalforge.files import fsync_dir, remove_stale_temps, temp_name
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(self.path.parent)  # scratch folders of killed exports
         # written in a scratch folder under its final name (an external-data file is named
         # after the graph, and the graph refers to it by that name), then moved into place
-        scratch = Path(tempfile.mkdtemp(prefix=".export-", dir=self.path.parent))
+        scratch = temp_name(self.path)
+        scratch.mkdir()
         tmp = scratch / self.path.name
         size = sum(t.numel() * t.element_size() for t in self.encoder.state_dict().values())
         # Dim.AUTO: dynamic where the model allows it; torch.export works out which axes are
@@ -199,9 +203,13 @@ class OnnxEncoder:
             program.save(str(tmp), external_data=size > EXTERNAL_DATA_BYTES)
         try:
             files = graph_files(tmp)
+            for file in files:
+                with file.open("rb") as f:
+                    os.fsync(f.fileno())  # on disk before the rename makes it the real one
             for extra in files[1:]:  # the side files first: the graph is what marks "done"
                 extra.replace(self.path.parent / extra.name)
             tmp.replace(self.path)
+            fsync_dir(self.path.parent)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
 

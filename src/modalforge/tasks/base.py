@@ -29,6 +29,7 @@ from modalforge.data.text import WordVocab
 from modalforge.data.validate import apply_policy, validate_manifest
 from modalforge.encoders.base import weights_fingerprint
 from modalforge.encoders.features import encode_items, load_items
+from modalforge.files import atomic_write_json
 from modalforge.models import EncoderSpec
 from modalforge.schema import Modality, Schema
 from modalforge.train.loop import LoopSettings, fit_module
@@ -421,7 +422,7 @@ class TaskPredictor:
         )
         run.mkdir(parents=True, exist_ok=True)
         self.run_dir = run
-        (run / "config.json").write_text(json.dumps(self.describe(), indent=2, default=str))
+        atomic_write_json(run / "config.json", self.describe(), default=str)
         monitor = self._monitor()
         mode = "max" if monitor in ("val_acc", "val_recall") else "min"
         train_loader = self._loader(train_m, cached_train, self._targets(train_m), train=True,
@@ -440,7 +441,7 @@ class TaskPredictor:
             "cache": {ns: asdict(s) for ns, s in self.cache.stats.items()},
             "rows": rows,
         }
-        (run / "history.json").write_text(json.dumps(self.history, indent=2))
+        atomic_write_json(run / "history.json", self.history)
         return self
 
     def _mark_vocabularies(self) -> None:

@@ -16,7 +16,6 @@ image closest in the encoder's pooled features, by cosine).
 
 from __future__ import annotations
 
-import json
 import re
 import warnings
 from pathlib import Path
@@ -29,6 +28,7 @@ import torch
 from modalforge.data.manifest import Manifest, is_missing, resolve_path
 from modalforge.data.text import WordVocab
 from modalforge.encoders import create_encoder
+from modalforge.files import atomic_path, atomic_write_json, atomic_write_text
 from modalforge.models import EncoderSpec
 from modalforge.models.caption import CaptionConfig, CaptionModel, build_caption
 from modalforge.models.decoding import DecodeOptions, decode
@@ -266,11 +266,11 @@ class CaptionPredictor(TaskPredictor):
     def _write_report(self, out: Path, manifest: Manifest, hyps: dict[str, list[str]],
                       result: dict[str, Any], title: str | None) -> Path:  # fmt: skip
         out.mkdir(parents=True, exist_ok=True)
-        (out / "metrics.json").write_text(json.dumps(result, indent=2, default=str))
         table = pd.DataFrame({"image": manifest.frame[self.image].astype(str),
                               "reference": manifest.frame[self.caption_column].astype(str),
                               **hyps})  # fmt: skip
-        table.to_csv(out / "captions.csv", index=False)
+        with atomic_path(out / "captions.csv") as tmp:
+            table.to_csv(tmp, index=False)
         lines = [f"# {title or 'modalforge: image captioning'}", "",
                  f"{result['rows']} held-out images; "
                  f"{result['reference_words_in_vocabulary']:.1%} of their reference words are in "
@@ -287,7 +287,8 @@ class CaptionPredictor(TaskPredictor):
         png = _examples(out / "captions.png", manifest, self.image, self.caption_column, hyps)
         lines += ["", f"![examples]({png.name})", "", "Every caption: `captions.csv`."]
         path = out / "report.md"
-        path.write_text("\n".join(lines) + "\n")
+        atomic_write_text(path, "\n".join(lines) + "\n")
+        atomic_write_json(out / "metrics.json", result, point="report", default=str)
         return path
 
 
@@ -324,7 +325,8 @@ def _examples(path: Path, manifest: Manifest, image: str, caption: str,
         ax.set_title("\n".join(line[:46] for line in lines), fontsize=8, loc="left")
     fig.suptitle("held-out images: reference and generated captions", fontsize=11)
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=80)
     plt.close(fig)
     return path
 

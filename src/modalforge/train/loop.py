@@ -43,6 +43,46 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=r".*LeafSpec.*")
 
 
+def atomic_checkpoint_io():
+    """Lightning's ``TorchCheckpointIO``, but each checkpoint is written through
+    :func:`modalforge.files.atomic_write_bytes`: to a temporary in the checkpoint's own folder,
+    fsynced, then renamed over it. (Lightning's own transaction writes the temporary to
+    ``$TMPDIR`` and moves it across, which is a copy, not a rename, when that is another file
+    system; and a kill leaves the temporary behind.) ``last.ckpt`` is therefore always the last
+    *complete* checkpoint, which is what ``--resume`` continues from."""
+    import io
+
+    from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+    from modalforge.files import atomic_write_bytes, crash_point, remove_stale_temps
+
+    class AtomicCheckpointIO(TorchCheckpointIO):
+        def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+            if storage_options is not None:
+                raise TypeError("AtomicCheckpointIO.save_checkpoint takes no storage_options")
+            buffer = io.BytesIO()
+            torch.save(checkpoint, buffer)
+            path = Path(path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            remove_stale_temps(path.parent)
+            # crash points checkpoint.last.partial / .rename / .saved (and best)
+            atomic_write_bytes(path, buffer.getvalue(), point=f"checkpoint.{path.stem}")
+            crash_point(f"checkpoint.{path.stem}.saved")
+
+    return AtomicCheckpointIO()
+
+
+def _checkpoint_epoch(path: Path) -> int:
+    """The epoch a checkpoint was saved at, or a clear error naming the file."""
+    try:
+        return int(torch.load(path, map_location="cpu", weights_only=False)["epoch"])
+    except Exception as err:  # torch raises several kinds for a damaged file
+        raise ValueError(
+            f"{path}: cannot read this checkpoint to resume from ({type(err).__name__}: {err}); "
+            "delete it to start the run again, or train without --resume"
+        ) from err
+
+
 def fit_module(
     module,
     train_loader,
@@ -83,13 +123,13 @@ def fit_module(
         strategy=settings.strategy, num_nodes=settings.num_nodes, precision=precision,
         callbacks=callbacks, logger=loggers, enable_progress_bar=progress,
         enable_model_summary=False, deterministic="warn", log_every_n_steps=5,
-        default_root_dir=run,
+        default_root_dir=run, plugins=[atomic_checkpoint_io()],
     )  # fmt: skip
     ckpt = run / "checkpoints" / "last.ckpt"
     resumed_from = None
     if resume and ckpt.is_file():
-        # our own checkpoint, written by this run's Lightning trainer
-        resumed_from = int(torch.load(ckpt, map_location="cpu", weights_only=False)["epoch"])
+        # our own checkpoint, written (atomically) by this run's Lightning trainer
+        resumed_from = _checkpoint_epoch(ckpt)
     t0 = time.perf_counter()
     trainer.fit(module, train_loader, val_loader,
                 ckpt_path=str(ckpt) if resumed_from is not None else None)  # fmt: skip
@@ -109,4 +149,4 @@ def fit_module(
     }
 
 
-__all__ = ["LoopSettings", "fit_module", "quiet_lightning"]
+__all__ = ["LoopSettings", "atomic_checkpoint_io", "fit_module", "quiet_lightning"]

@@ -1,4 +1,4 @@
-"""Pieces shared by the dataset builders: build state, atomic writes, a deterministic RNG."""
+"""Pieces shared by the dataset builders: build state, FLAC writes, a deterministic RNG."""
 
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ from typing import Any, TypeVar
 import numpy as np
 import soundfile as sf
 
+from modalforge.files import atomic_path, atomic_write_json, fsync_dir, sync_all
+
 T = TypeVar("T")
 
 
@@ -22,17 +24,10 @@ def stable_rng(*parts: object) -> np.random.Generator:
     return np.random.default_rng(int.from_bytes(digest[:8], "little"))
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)
-
-
 def write_flac(path: Path, wave: np.ndarray, sample_rate: int) -> None:
     """Write a mono float wave as 16-bit FLAC, atomically (an interrupted build leaves no stub)."""
-    tmp = path.with_name(f".{path.stem}.tmp.flac")
-    sf.write(tmp, np.clip(wave, -1.0, 1.0), sample_rate, subtype="PCM_16", format="FLAC")
-    tmp.replace(path)
+    with atomic_path(path, durable=False) as tmp:  # write_meta syncs once for all of them
+        sf.write(tmp, np.clip(wave, -1.0, 1.0), sample_rate, subtype="PCM_16", format="FLAC")
 
 
 def is_up_to_date(out: Path, recipe: dict[str, Any], files: Callable[[], Iterable[Path]]) -> bool:
@@ -86,18 +81,25 @@ def start_build(out: Path, recipe: dict[str, Any], generated: Iterable[str]) -> 
             previous = {}
     elif (out / "dataset.json").is_file():
         previous = {}  # built by an older modalforge: its recipe is unknown
+    # dataset.json says "this build is complete" and manifest.csv lists its files: both go
+    # before any file changes, so a build killed from here on is never taken (or read) for a
+    # finished one, of this recipe or the last; both are written again at the end
+    for done in ("dataset.json", "manifest.csv"):
+        (out / done).unlink(missing_ok=True)
+    fsync_dir(out)
     if previous is not None and previous != wanted:
         for name in generated:
             shutil.rmtree(out / name, ignore_errors=True)
     for name in generated:
         (out / name).mkdir(parents=True, exist_ok=True)
-    marker.write_text(json.dumps(wanted, indent=2), encoding="utf-8")
+    atomic_write_json(marker, wanted)
 
 
 def write_meta(out: Path, meta: dict[str, Any]) -> None:
-    tmp = out / ".dataset.json.tmp"
-    tmp.write_text(json.dumps(meta, indent=2, ensure_ascii=False), encoding="utf-8")
-    tmp.replace(out / "dataset.json")
+    """``out/dataset.json``, the last file of a build: its presence marks the build complete,
+    so the sample files (written without an fsync each) are flushed to disk first."""
+    sync_all()
+    atomic_write_json(out / "dataset.json", meta, point="data.meta", ensure_ascii=False)
 
 
 def parallel_map(fn: Callable[[T], Any], items: list[T], description: str, workers: int) -> list:

@@ -93,7 +93,6 @@ from modalforge.data.audio import SAMPLE_RATE, resample
 from modalforge.data.catalog import BuildResult, register_dataset
 from modalforge.data.catalog._common import (
     Timer,
-    atomic_write_bytes,
     parallel_map,
     reuse_build,
     stable_rng,
@@ -109,6 +108,7 @@ from modalforge.data.catalog.speech import (
 )
 from modalforge.data.manifest import write_manifest
 from modalforge.data.split import stratified_split
+from modalforge.files import atomic_write_bytes, crash_point
 
 WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 ASTERISK_DIR = Path("/usr/share/asterisk/sounds/en_US_f_Allison/digits")
@@ -392,10 +392,11 @@ def build_avdigits(
         # Every file is rewritten: a build takes seconds.
         def make(i: int) -> str:
             pixels = degrade_image(images[i], stable_rng("avdigits", seed, "image", ids[i]))
-            atomic_write_bytes(out / "images" / f"{ids[i]}.png", png_bytes(pixels))
+            atomic_write_bytes(out / "images" / f"{ids[i]}.png", png_bytes(pixels), durable=False)
             rng = stable_rng("avdigits", seed, "audio", ids[i])
             source, wave = noisy_clip(pool[labels[i]], rng, babble_pool=pool)
             write_flac(out / "audio" / f"{ids[i]}.flac", wave, SAMPLE_RATE)
+            crash_point("data.sample")  # the crash tests kill a build mid-way here
             return source
 
         sources = parallel_map(make, list(range(len(ids))), "degrading images and audio", workers)

@@ -28,7 +28,6 @@ from modalforge.data.audio import SAMPLE_RATE
 from modalforge.data.catalog import BuildResult, register_dataset
 from modalforge.data.catalog._common import (
     Timer,
-    atomic_write_bytes,
     parallel_map,
     reuse_build,
     start_build,
@@ -39,7 +38,7 @@ from modalforge.data.catalog.npm import fetch_tarball
 from modalforge.data.catalog.speech import pick_voice, speak
 from modalforge.data.manifest import write_manifest
 from modalforge.data.split import stratified_split
-from modalforge.files import cache_dir
+from modalforge.files import atomic_write_bytes, cache_dir
 
 PACKAGE = "emoji-datasource-google"
 VERSION = "16.0.0"
@@ -124,7 +123,7 @@ def build_emoji(
         for r in rows:
             target = out / "images" / r["image_file"]
             if not target.is_file():
-                atomic_write_bytes(target, images[r["image_file"]])
+                atomic_write_bytes(target, images[r["image_file"]], durable=False)
 
         def synthesize(row: dict) -> dict:
             voice = pick_voice(row["id"], seed)

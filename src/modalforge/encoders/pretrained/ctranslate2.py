@@ -28,6 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
+from modalforge.files import atomic_write_bytes
+
 #: the newest binary version this reader knows (CTranslate2 4.x writes 6)
 MAX_BINARY_VERSION = 6
 MAX_RANK = 8
@@ -236,6 +238,4 @@ def write_ct2_model(
     for alias, target in (aliases or {}).items():
         string(alias)
         string(target)
-    path = Path(path)
-    path.write_bytes(bytes(out))
-    return path
+    return atomic_write_bytes(path, bytes(out))

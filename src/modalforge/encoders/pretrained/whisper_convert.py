@@ -34,7 +34,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
 import time
 from dataclasses import dataclass
@@ -46,7 +45,13 @@ import torch
 from torch import nn
 
 from modalforge.encoders.pretrained.ctranslate2 import CT2Model, read_ct2_model
-from modalforge.files import cache_dir, sha256_file
+from modalforge.files import (
+    atomic_path,
+    atomic_write_text,
+    cache_dir,
+    remove_stale_temps,
+    sha256_file,
+)
 
 log = logging.getLogger(__name__)
 
@@ -389,15 +394,14 @@ def load_ctranslate2_whisper_cached(model_dir: str | Path, weights_id: str,
     store = torch.float16 if model.ct2_report.stored_dtypes == ["float16"] else torch.float32
     try:
         entry.mkdir(parents=True, exist_ok=True)
-        tmp = entry / f".model.safetensors.{os.getpid()}.tmp"
+        remove_stale_temps(entry)
         info = {"format": CACHE_FORMAT, "source": str(model_dir),
                 "stored_dtypes": json.dumps(model.ct2_report.stored_dtypes)}  # fmt: skip
         tensors = {k: v.detach().to(store).contiguous() for k, v in state.items()}
-        save_file(tensors, str(tmp), metadata=info)
-        tmp_config = entry / f".config.json.{os.getpid()}.tmp"
-        tmp_config.write_text(model.config.to_json_string())
-        tmp.replace(weights)
-        tmp_config.replace(config_file)
+        # each file whole or absent; an entry missing either is converted again (above)
+        with atomic_path(weights) as tmp:
+            save_file(tensors, str(tmp), metadata=info)
+        atomic_write_text(config_file, model.config.to_json_string())
     except OSError as err:
         log.warning("could not cache the converted Whisper weights in %s: %s", entry, err)
         entry = None  # type: ignore[assignment]

@@ -44,7 +44,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from modalforge.data.catalog._common import atomic_write_bytes
 from modalforge.data.manifest import (
     Manifest,
     ManifestError,
@@ -53,6 +52,7 @@ from modalforge.data.manifest import (
     read_manifest,
     resolve_path,
 )
+from modalforge.files import atomic_write_bytes
 
 Role = Literal["system", "user", "assistant"]
 ROLES: dict[str, Role] = {

@@ -142,7 +142,7 @@ def evaluate_chat(predictor, conversations, out_dir: str | Path | None = None,
 
 
 def _write(out: Path, conversations, hyps, result, examples: int) -> None:
-    from modalforge.data.catalog._common import atomic_write_bytes
+    from modalforge.files import atomic_write_bytes
 
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out / "metrics.json", json.dumps(result, indent=2).encode())

@@ -14,7 +14,6 @@ itself stays in the user's cache.
 from __future__ import annotations
 
 import hashlib
-import json
 import random
 import threading
 import time
@@ -25,6 +24,7 @@ from typing import Any
 
 import torch
 
+from modalforge.files import atomic_write_json
 from modalforge.llm.loader import LlmRef, load_llm
 from modalforge.llm.types import EmbedSpan, Prompt, SamplingParams
 from modalforge.schema import Modality, Schema
@@ -215,7 +215,7 @@ class ChatPredictor:
                         "epochs_run": sum(s["epochs_run"] for s in stages),
                         "rows": {k: len(v) for k, v in parts.items()},
                         "fit": asdict(cfg)}  # fmt: skip
-        (run / "history.json").write_text(json.dumps(self.history, indent=2, default=str))
+        atomic_write_json(run / "history.json", self.history, default=str)
         self.run_dir = run
         self._engine = None
         return self
