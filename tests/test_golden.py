@@ -58,6 +58,12 @@ NEW_MESSAGES = {
     "<bundle>: a speech-to-text bundle: load it with modalforge.transcribe.Transcriber.load":
         "<bundle>: a speech-to-text bundle: load it with modalforge.tasks.load (it is a "
         "modalforge.tasks.transcription.Transcriber)",
+    # issue 18: libsndfile's "Error opening <_io.BytesIO ...>: " prefix is dropped
+    "'audio': cannot decode audio: Error opening <_io.BytesIO object at 0x<address>>: Format "
+    "not recognised.": "'audio': cannot decode audio: Format not recognised.",
+    "'audio': cannot decode audio: Error opening <_io.BytesIO object at 0x<address>>: Error in "
+    "WAV/W64/RF64 file. Short 'fmt ' chunk.":
+        "'audio': cannot decode audio: Error in WAV/W64/RF64 file. Short 'fmt ' chunk.",
 }  # fmt: skip
 
 
