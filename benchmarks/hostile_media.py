@@ -236,6 +236,12 @@ def _chat_audio(data: str) -> dict[str, Any]:
 Slot = Callable[[Any], dict[str, Any]]
 
 
+def as_data_url(slot: Slot, mime: str) -> Slot:
+    """Where a plain string is a text input (``/v1/embeddings``, ``/v1/search``), a bad base64
+    string goes inside a ``data:`` URL (a data: URL stays as it is)."""
+    return lambda s: slot(s if s.startswith("data:") else f"data:{mime};base64,{s}")
+
+
 def image_slots(kind: str) -> list[tuple[str, Slot, Slot]]:
     """(where, bytes -> request as a file or base64, str -> request with that base64 / URL
     string) for each place ``kind``'s routes take an image."""
@@ -259,10 +265,10 @@ def image_slots(kind: str) -> list[tuple[str, Slot, Slot]]:
         return [
             ("embeddings", lambda b: _json_request("/v1/embeddings", {"input": ["red", HOLE]},
                                                    json.dumps(data_url("image/png", b))),
-             js("/v1/embeddings", lambda h: {"input": [h]})),
+             as_data_url(js("/v1/embeddings", lambda h: {"input": [h]}), "image/png")),
             ("search", lambda b: _json_request("/v1/search", {"query": HOLE, "k": 3},
                                                json.dumps(data_url("image/png", b))),
-             js("/v1/search", lambda h: {"query": h, "k": 3})),
+             as_data_url(js("/v1/search", lambda h: {"query": h, "k": 3}), "image/png")),
         ]  # fmt: skip
     if kind == "caption":
         return [
@@ -289,7 +295,7 @@ def audio_slots(kind: str) -> list[tuple[str, Slot, Slot]]:
     if kind == "contrastive":
         return [("embeddings", lambda b: _json_request("/v1/embeddings", {"input": [HOLE]},
                                                        json.dumps(data_url("audio/wav", b))),
-                 js("/v1/embeddings", lambda h: {"input": h}))]  # fmt: skip
+                 as_data_url(js("/v1/embeddings", lambda h: {"input": h}), "audio/wav"))]  # fmt: skip
     if kind == "transcription":
         model = [("model", None, None, b"asr")]
         return [("transcriptions", lambda b: _file_request("/v1/audio/transcriptions", "file", b,
@@ -470,8 +476,9 @@ def audio(draw) -> tuple[str, bytes, bool]:
         lie = draw(st.sampled_from([None, 0, 10**9, 2**32 - 1]))
         data = wav_header(channels, bits, rate, frames, lie)
         # what no server should take; 3 or 8 channels, 100 Hz or 1 MHz may be mixed down /
-        # resampled or refused; a data size of 2**32 - 1 is how streamed WAV says "unknown"
-        refuse = (channels in (0, 64, 255, 65535) or bits in (0, 1, 3, 12, 64)
+        # resampled or refused; a data size of 2**32 - 1 is how streamed WAV says "unknown", 12
+        # bits in 16-bit words is valid PCM
+        refuse = (channels in (0, 64, 255, 65535) or bits in (0, 1, 3, 64)
                   or rate in (0, 1, 4_000_000_000) or lie == 10**9)  # fmt: skip
         return f"wav {channels} ch {bits} bit {rate} Hz {frames} frames {lie}", data, refuse
     if how == "mutated":
