@@ -53,7 +53,7 @@ from hostile_media import KINDS, Hostile, requests  # noqa: E402
 KEEP = 200
 
 
-# -- a served bundle ------------------------------------------------------------------------------
+# -- a served bundle -------------------------------------------------------------------------- ---
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -64,24 +64,46 @@ class Server:
     """``modalforge serve BUNDLE ARGS`` (this checkout's ``src``) on a free port, its output in
     ``log``; ``url``, ``pid``, ``rss_kb()``, ``log_since(offset)``."""
 
-    def __init__(self, bundle: Path, args: tuple[str, ...] = (), env: dict[str, str] | None = None,
-                 log: Path | None = None, timeout: float = 180) -> None:  # fmt: skip
+    def __init__(
+        self,
+        bundle: Path,
+        args: tuple[str, ...] = (),
+        env: dict[str, str] | None = None,
+        log: Path | None = None,
+        timeout: float = 180,
+    ) -> None:
         import httpx
 
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log or Path(tempfile.mkstemp(prefix="modalforge-serve-", suffix=".log")[1])
-        child_env = {**os.environ, "MODALFORGE_CACHE": str(bundle.parent / "mfcache"), **(env or {})}
+        child_env = {
+            **os.environ,
+            "MODALFORGE_CACHE": str(bundle.parent / "mfcache"),
+            **(env or {}),
+        }
         child_env["PYTHONPATH"] = os.pathsep.join(
             [str(ROOT / "src"), *filter(None, [os.environ.get("PYTHONPATH")])]
         )
         child_env.pop("MODALFORGE_API_KEY", None)
         self._out = self.log.open("wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "modalforge.cli", "serve", str(bundle), "--port", str(self.port),
-             "--log-level", "warning", *args],
-            stdout=self._out, stderr=subprocess.STDOUT, env=child_env,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "modalforge.cli",
+                "serve",
+                str(bundle),
+                "--port",
+                str(self.port),
+                "--log-level",
+                "warning",
+                *args,
+            ],
+            stdout=self._out,
+            stderr=subprocess.STDOUT,
+            env=child_env,
+        )
         self.pid = self.proc.pid
         deadline = time.monotonic() + timeout
         while True:
@@ -153,11 +175,14 @@ def traceback_of(log: str) -> dict[str, Any] | None:
     frames = [ln.strip() for ln in lines if ln.strip().startswith('File "')]
     ours = [f for f in frames if "modalforge" in f and "site-packages" not in f]
     exception = next((ln for ln in lines[1:] if ln and not ln.startswith(" ")), lines[-1])
-    return {"exception": exception.strip(), "frame": (ours or frames or [""])[-1],
-            "text": "\n".join(lines[:60])}  # fmt: skip
+    return {
+        "exception": exception.strip(),
+        "frame": (ours or frames or [""])[-1],
+        "text": "\n".join(lines[:60]),
+    }
 
 
-# -- describing a request --------------------------------------------------------------------------
+# -- describing a request ---------------------------------------------------------------------- --
 def describe(request: dict[str, Any]) -> dict[str, Any]:
     """A hostile request as JSON: method, url, headers, body length, sha256, the first 600
     bytes (base64) -- enough to see what it was and to rebuild it from ``hostile_media``."""
@@ -165,16 +190,20 @@ def describe(request: dict[str, Any]) -> dict[str, Any]:
     if body is None and "json" in request:
         body = json.dumps(request["json"]).encode()
     body = body or b""
-    out = {"method": request.get("method", "POST"), "url": request["url"],
-           "headers": request.get("headers", {}), "body_bytes": len(body),
-           "body_sha256": hashlib.sha256(body).hexdigest()[:16],
-           "body_head_b64": base64.b64encode(body[:600]).decode()}  # fmt: skip
+    out = {
+        "method": request.get("method", "POST"),
+        "url": request["url"],
+        "headers": request.get("headers", {}),
+        "body_bytes": len(body),
+        "body_sha256": hashlib.sha256(body).hexdigest()[:16],
+        "body_head_b64": base64.b64encode(body[:600]).decode(),
+    }
     if "files" in request:
         out["files"] = {k: [v[0], len(v[1]), v[2]] for k, v in request["files"].items()}
     return out
 
 
-# -- one kind ---------------------------------------------------------------------------------------
+# -- one kind ----------------------------------------------------------------------------------- -
 class Tally:
     """What a kind's run saw."""
 
@@ -195,26 +224,57 @@ class Tally:
         self.by_route.setdefault(route, Counter())[status] += 1
         self.by_source.setdefault(source, Counter())[status] += 1
 
-    def server_error(self, route: str, status: int, source: str, name: str, request: Any,
-                     response: str, tb: dict[str, Any] | None) -> None:  # fmt: skip
+    def server_error(
+        self,
+        route: str,
+        status: int,
+        source: str,
+        name: str,
+        request: Any,
+        response: str,
+        tb: dict[str, Any] | None,
+    ) -> None:
         exception = (tb or {}).get("exception", response[:160])
         # one entry per route, exception and place: numbers in the message do not split it
         key = (route, re.sub(r"\d+", "N", exception), (tb or {}).get("frame", ""))
-        entry = self.distinct.setdefault(key, {"route": route, "status": status,
-                                               "exception": exception,
-                                               "frame": key[2], "count": 0, "example": name,
-                                               "request": request,
-                                               "traceback": (tb or {}).get("text")})  # fmt: skip
+        entry = self.distinct.setdefault(
+            key,
+            {
+                "route": route,
+                "status": status,
+                "exception": exception,
+                "frame": key[2],
+                "count": 0,
+                "example": name,
+                "request": request,
+                "traceback": (tb or {}).get("text"),
+            },
+        )
         entry["count"] += 1
         if len(self.server_errors) < KEEP:
-            self.server_errors.append({"route": route, "status": status, "source": source,
-                                       "name": name, "request": request,
-                                       "response": response[:500],
-                                       "exception": exception, "frame": key[2]})  # fmt: skip
+            self.server_errors.append(
+                {
+                    "route": route,
+                    "status": status,
+                    "source": source,
+                    "name": name,
+                    "request": request,
+                    "response": response[:500],
+                    "exception": exception,
+                    "frame": key[2],
+                }
+            )
 
 
-def fuzz_kind(kind: str, server: Server, n: int, schema_share: float, seed: int,
-              rss_every: int, progress: Callable[[int], None] | None = None) -> dict[str, Any]:  # fmt: skip
+def fuzz_kind(
+    kind: str,
+    server: Server,
+    n: int,
+    schema_share: float,
+    seed: int,
+    rss_every: int,
+    progress: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
     """``n`` requests against ``server`` (a ``kind`` bundle) -> that kind's results."""
     import httpx
     import requests as requests_lib
@@ -224,8 +284,9 @@ def fuzz_kind(kind: str, server: Server, n: int, schema_share: float, seed: int,
     from hypothesis import strategies as st
 
     schema = schemathesis.openapi.from_url(f"{server.url}/openapi.json")
-    schema_cases = st.one_of(schema.as_strategy(generation_mode=m)
-                             for m in schemathesis.GenerationMode)  # fmt: skip
+    schema_cases = st.one_of(
+        schema.as_strategy(generation_mode=m) for m in schemathesis.GenerationMode
+    )
     hostile = requests(kind)
     tally = Tally()
     session = requests_lib.Session()
@@ -234,8 +295,9 @@ def fuzz_kind(kind: str, server: Server, n: int, schema_share: float, seed: int,
     started = time.monotonic()
     state = {"gone": False}
 
-    def one(source: str, send: Callable[[], Any], route: str, name: str, request: Any,
-            refuse: bool) -> None:  # fmt: skip
+    def one(
+        source: str, send: Callable[[], Any], route: str, name: str, request: Any, refuse: bool
+    ) -> None:
         if state["gone"] or tally.n >= n:
             return
         offset = server.log_size()
@@ -256,8 +318,12 @@ def fuzz_kind(kind: str, server: Server, n: int, schema_share: float, seed: int,
         elif refuse and code < 400:
             tally.accepted_count += 1
             if name not in tally.accepted and len(tally.accepted) < KEEP:
-                tally.accepted[name] = {"name": name, "status": code, "request": request,
-                                        "response": r.text[:300]}  # fmt: skip
+                tally.accepted[name] = {
+                    "name": name,
+                    "status": code,
+                    "request": request,
+                    "response": r.text[:300],
+                }
         if tally.n % rss_every == 0:
             rss.append((tally.n, server.rss_kb()))
         if progress:
@@ -265,15 +331,21 @@ def fuzz_kind(kind: str, server: Server, n: int, schema_share: float, seed: int,
 
     def schema_one(case) -> None:
         route = f"{case.method.upper()} {case.operation.path}"
-        one("schemathesis", lambda: case.call(base_url=server.url, session=session, timeout=60),
-            route, f"schemathesis {route}", {"curl": case.as_curl_command()[:4000]},
-            False)  # fmt: skip
+        one(
+            "schemathesis",
+            lambda: case.call(base_url=server.url, session=session, timeout=60),
+            route,
+            f"schemathesis {route}",
+            {"curl": case.as_curl_command()[:4000]},
+            False,
+        )
 
     def hostile_one(h: Hostile) -> None:
         request = dict(h.request)
         route = f"{request.get('method', 'POST')} {request['url']}"
-        one("hostile", lambda: client.request(**request), route, h.name, describe(request),
-            h.refuse)  # fmt: skip
+        one(
+            "hostile", lambda: client.request(**request), route, h.name, describe(request), h.refuse
+        )
 
     rng = random.Random(seed)
     chunk = 0
@@ -281,14 +353,21 @@ def fuzz_kind(kind: str, server: Server, n: int, schema_share: float, seed: int,
         left = n - tally.n
         take_schema = round(min(left, 250) * schema_share)
         take_hostile = min(left, 250) - take_schema
-        for strategy, fn, count in ((schema_cases, schema_one, take_schema),
-                                    (hostile, hostile_one, take_hostile)):  # fmt: skip
+        for strategy, fn, count in (
+            (schema_cases, schema_one, take_schema),
+            (hostile, hostile_one, take_hostile),
+        ):
             if count <= 0:
                 continue
             before = tally.n
 
-            config = settings(max_examples=count, deadline=None, database=None,
-                              phases=[Phase.generate], suppress_health_check=list(HealthCheck))  # fmt: skip
+            config = settings(
+                max_examples=count,
+                deadline=None,
+                database=None,
+                phases=[Phase.generate],
+                suppress_health_check=list(HealthCheck),
+            )
             hypothesis_seed(rng.randrange(2**32))(config(given(strategy)(fn)))()
             if tally.n == before:  # the strategy yields nothing new: do not spin
                 break
@@ -312,12 +391,16 @@ def fuzz_kind(kind: str, server: Server, n: int, schema_share: float, seed: int,
         "hostile_accepted_examples": list(tally.accepted.values()),
         "transport_errors": dict(tally.transport),
         "server_alive": server.alive(),
-        "rss_kb": {"before": before, "after": after,
-                   "growth": round((after - before) / max(before, 1), 4), "samples": rss},  # fmt: skip
+        "rss_kb": {
+            "before": before,
+            "after": after,
+            "growth": round((after - before) / max(before, 1), 4),
+            "samples": rss,
+        },
     }
 
 
-# -- results --------------------------------------------------------------------------------------
+# -- results ---------------------------------------------------------------------------------- ---
 def write_atomic(path: Path, write: Callable[[Path], None]) -> Path:
     """``write(temporary path)`` beside ``path``, then rename it into place."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -369,8 +452,10 @@ def plot(payload: dict[str, Any], png: Path) -> None:
     mem.set_ylabel("server RSS (MiB)")
     mem.set_title("server memory")
     mem.legend()
-    fig.suptitle(f"modalforge fuzz: schemathesis + hostile media ({payload['requests_per_kind']} "
-                 "requests per kind)")  # fmt: skip
+    fig.suptitle(
+        f"modalforge fuzz: schemathesis + hostile media ({payload['requests_per_kind']} "
+        "requests per kind)"
+    )
     fig.tight_layout()
     write_atomic(png, lambda p: fig.savefig(p, dpi=110, format="png"))
     plt.close(fig)
@@ -387,21 +472,36 @@ def bundle_of(kind: str, folder: Path):
         return Served(d["kind"], Path(d["path"]), tuple(d["args"]), d["env"])
     shutil.rmtree(folder, ignore_errors=True)  # a build cut short: start clean
     served = build(kind, folder)
-    write_json(record, {"kind": kind, "path": str(served.path), "args": list(served.args),
-                        "env": served.env})  # fmt: skip
+    write_json(
+        record,
+        {"kind": kind, "path": str(served.path), "args": list(served.args), "env": served.env},
+    )
     return served
 
 
-def build_and_fuzz(kinds: list[str], n: int, work: Path, schema_share: float, seed: int,
-                   rss_every: int, out: Path | None, show: bool = True) -> dict[str, Any]:  # fmt: skip
+def build_and_fuzz(
+    kinds: list[str],
+    n: int,
+    work: Path,
+    schema_share: float,
+    seed: int,
+    rss_every: int,
+    out: Path | None,
+    show: bool = True,
+) -> dict[str, Any]:
     """Build, serve and fuzz each kind; write ``out`` (+ .png) after each kind."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
     payload: dict[str, Any] = {
-        "benchmark": "fuzz", "command": " ".join(sys.argv), "cpu": cpu_name(),
-        "cores": os.cpu_count(), "requests_per_kind": n, "schema_share": schema_share,
-        "seed": seed, "kinds": {},
-    }  # fmt: skip
+        "benchmark": "fuzz",
+        "command": " ".join(sys.argv),
+        "cpu": cpu_name(),
+        "cores": os.cpu_count(),
+        "requests_per_kind": n,
+        "schema_share": schema_share,
+        "seed": seed,
+        "kinds": {},
+    }
     columns = ("{task.description}", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, disable=not show) as bar:
         for kind in kinds:
@@ -411,8 +511,9 @@ def build_and_fuzz(kinds: list[str], n: int, work: Path, schema_share: float, se
             built_s = time.monotonic() - t0
             bar.update(task, description=f"{kind}: fuzzing")
             with Server(served.path, served.args, served.env, log=work / f"{kind}-server.log") as s:
-                result = fuzz_kind(kind, s, n, schema_share, seed, rss_every,
-                                   lambda k, t=task: bar.advance(t, k))  # fmt: skip
+                result = fuzz_kind(
+                    kind, s, n, schema_share, seed, rss_every, lambda k, t=task: bar.advance(t, k)
+                )
             result["build_seconds"] = round(built_s, 1)
             result["server_log"] = str(work / f"{kind}-server.log")
             payload["kinds"][kind] = result
@@ -427,12 +528,20 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--kinds", default=",".join(KINDS), help=f"comma-separated, of {KINDS}")
     ap.add_argument("--requests", type=int, default=10_000, help="requests per kind")
-    ap.add_argument("--schema-share", type=float, default=0.5,
-                    help="the share drawn by schemathesis (the rest: hostile media)")
+    ap.add_argument(
+        "--schema-share",
+        type=float,
+        default=0.5,
+        help="the share drawn by schemathesis (the rest: hostile media)",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--rss-every", type=int, default=250, help="sample RSS every N requests")
-    ap.add_argument("--work", type=Path, default=None, help="where bundles and logs go "
-                    "(default: a temporary folder, removed after)")  # fmt: skip
+    ap.add_argument(
+        "--work",
+        type=Path,
+        default=None,
+        help="where bundles and logs go (default: a temporary folder, removed after)",
+    )
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "fuzz.json")
     args = ap.parse_args(argv)
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
@@ -441,21 +550,34 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--kinds: unknown {unknown}; the kinds are {list(KINDS)}")
     with contextlib.ExitStack() as stack:
         work = args.work or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="fuzz-")))
-        payload = build_and_fuzz(kinds, args.requests, work, args.schema_share, args.seed,
-                                 args.rss_every, args.out)  # fmt: skip
+        payload = build_and_fuzz(
+            kinds, args.requests, work, args.schema_share, args.seed, args.rss_every, args.out
+        )
     print(f"{args.out}:")
     for kind, r in payload["kinds"].items():
-        print(f"  {kind:14s} {r['requests']:6d} requests  5xx {r['responses_5xx']:4d} "
-              f"(distinct {len(r['distinct_5xx'])})  hostile accepted {r['hostile_accepted']:4d}  "
-              f"RSS {r['rss_kb']['before'] // 1024} -> {r['rss_kb']['after'] // 1024} MiB  "
-              f"{r['status']}")  # fmt: skip
-    return 1 if any(r["responses_5xx"] or not r["server_alive"]
-                    for r in payload["kinds"].values()) else 0  # fmt: skip
+        print(
+            f"  {kind:14s} {r['requests']:6d} requests  5xx {r['responses_5xx']:4d} "
+            f"(distinct {len(r['distinct_5xx'])})  hostile accepted {r['hostile_accepted']:4d}  "
+            f"RSS {r['rss_kb']['before'] // 1024} -> {r['rss_kb']['after'] // 1024} MiB  "
+            f"{r['status']}"
+        )
+    return (
+        1
+        if any(r["responses_5xx"] or not r["server_alive"] for r in payload["kinds"].values())
+        else 0
+    )
 
 
 if __name__ == "__main__":
     sys.exit(main())
 
 
-__all__ = ["Server", "build_and_fuzz", "fuzz_kind", "rss_kb", "traceback_of", "write_atomic",
-           "write_json"]  # fmt: skip
+__all__ = [
+    "Server",
+    "build_and_fuzz",
+    "fuzz_kind",
+    "rss_kb",
+    "traceback_of",
+    "write_atomic",
+    "write_json",
+]

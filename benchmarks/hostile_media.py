@@ -37,7 +37,7 @@ import numpy as np
 from hypothesis import strategies as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: tests.*
-from tests.conftest import png_bytes, png_claiming, sine, wav_bytes  # noqa: E402
+from tests.conftest import png_bytes, png_claiming, sine, wav_bytes
 
 KINDS = ("classifier", "contrastive", "caption", "vqa", "transcription", "chat")
 HOLE = "\x00HOLE\x00"  # where a raw JSON token goes in a request template
@@ -51,7 +51,7 @@ class Hostile(NamedTuple):
     refuse: bool = True
 
 
-# -- media builders ------------------------------------------------------------------------------
+# -- media builders -------------------------------------------------------------------------- ----
 def image_bytes(fmt: str = "PNG", size: tuple[int, int] = (30, 30), color=(200, 40, 40)) -> bytes:
     """A real, small image in ``fmt`` (PNG, JPEG, WEBP, GIF, BMP)."""
     from PIL import Image
@@ -69,15 +69,21 @@ def jpeg_claiming(width: int, height: int) -> bytes:
 
 def webp_claiming(width: int, height: int) -> bytes:
     """A RIFF/WEBP with a VP8X chunk declaring a width x height canvas (each up to 2**24)."""
-    vp8x = b"\x00\x00\x00\x00" + (width - 1).to_bytes(3, "little") + (height - 1).to_bytes(
-        3, "little"
+    vp8x = (
+        b"\x00\x00\x00\x00" + (width - 1).to_bytes(3, "little") + (height - 1).to_bytes(3, "little")
     )
     chunk = b"VP8X" + struct.pack("<I", len(vp8x)) + vp8x
     return b"RIFF" + struct.pack("<I", 4 + len(chunk)) + b"WEBP" + chunk
 
 
-def wav_header(channels: int = 1, bits: int = 16, rate: int = 16_000, frames: int = 1600,
-               data_len: int | None = None, fmt_tag: int = 1) -> bytes:  # fmt: skip
+def wav_header(
+    channels: int = 1,
+    bits: int = 16,
+    rate: int = 16_000,
+    frames: int = 1600,
+    data_len: int | None = None,
+    fmt_tag: int = 1,
+) -> bytes:
     """A hand-made RIFF/WAVE: a fmt chunk with these fields as given (however absurd) and
     ``frames`` frames of a tone; ``data_len`` overrides the size the data chunk declares."""
     width = max(1, (bits + 7) // 8)
@@ -88,8 +94,15 @@ def wav_header(channels: int = 1, bits: int = 16, rate: int = 16_000, frames: in
         wave += 128
     pcm = b"".join(int(v).to_bytes(width, "little", signed=width > 1) for v in wave)
     pcm += b"\0" * max(0, frames * block - len(pcm))
-    fmt = struct.pack("<HHIIHH", fmt_tag, channels & 0xFFFF, rate & 0xFFFFFFFF,
-                      (rate * block) & 0xFFFFFFFF, block & 0xFFFF, bits & 0xFFFF)  # fmt: skip
+    fmt = struct.pack(
+        "<HHIIHH",
+        fmt_tag,
+        channels & 0xFFFF,
+        rate & 0xFFFFFFFF,
+        (rate * block) & 0xFFFFFFFF,
+        block & 0xFFFF,
+        bits & 0xFFFF,
+    )
     size = len(pcm) if data_len is None else data_len
     body = b"WAVE" + b"fmt " + struct.pack("<I", len(fmt)) + fmt + b"data"
     body += struct.pack("<I", size & 0xFFFFFFFF) + pcm
@@ -112,8 +125,9 @@ def data_url(mime: str, data: bytes) -> str:
     return f"data:{mime};base64,{b64(data)}"
 
 
-def multipart(parts: list[tuple[str | None, str | None, str | None, bytes]],
-              boundary: str = "mfz") -> tuple[bytes, dict[str, str]]:  # fmt: skip
+def multipart(
+    parts: list[tuple[str | None, str | None, str | None, bytes]], boundary: str = "mfz"
+) -> tuple[bytes, dict[str, str]]:
     """A raw multipart/form-data body from ``(name, filename, content_type, data)`` parts (a
     None name leaves ``name=`` out) -> (body, headers)."""
     out = b""
@@ -134,7 +148,7 @@ def raw_json(template: Any, token: str) -> bytes:
     return text.replace(json.dumps(HOLE), token).encode("utf-8", "surrogatepass")
 
 
-# -- fixed hostile payloads ----------------------------------------------------------------------
+# -- fixed hostile payloads ------------------------------------------------------------------ ----
 def bad_images() -> list[tuple[str, bytes, bool]]:
     """(name, bytes, certainly refused) for an image input."""
     png, jpg, webp = image_bytes("PNG"), image_bytes("JPEG"), image_bytes("WEBP")
@@ -203,34 +217,56 @@ def bad_json_tokens() -> list[tuple[str, str]]:
         ("lone surrogate", '"\\ud800"'),
         ("lone low surrogate", '"abc\\udfff"'),
         ("nested 5000 deep", "[" * 5000 + "]" * 5000),
-        ("nested 100000 deep, unclosed", "{\"a\":" * 100_000),
+        ("nested 100000 deep, unclosed", '{"a":' * 100_000),
         ("truncated", '{"a": [1, 2'),
     ]
 
 
-# -- where a payload goes, per kind ----------------------------------------------------------------
+# -- where a payload goes, per kind ------------------------------------------------------------ --
 def _json_request(url: str, template: Any, token: str) -> dict[str, Any]:
-    return {"method": "POST", "url": url, "content": raw_json(template, token),
-            "headers": {"content-type": "application/json"}}  # fmt: skip
+    return {
+        "method": "POST",
+        "url": url,
+        "content": raw_json(template, token),
+        "headers": {"content-type": "application/json"},
+    }
 
 
 def _file_request(url: str, field: str, data: bytes, ctype: str, extra=None) -> dict[str, Any]:
-    body, headers = multipart([(field, f"upload.{ctype.split('/')[-1]}", ctype, data),
-                               *(extra or [])])  # fmt: skip
+    body, headers = multipart(
+        [(field, f"upload.{ctype.split('/')[-1]}", ctype, data), *(extra or [])]
+    )
     return {"method": "POST", "url": url, "content": body, "headers": headers}
 
 
 def _chat_image(url: str) -> dict[str, Any]:
-    return {"messages": [{"role": "user", "content": [
-        {"type": "text", "text": "what colour is this?"},
-        {"type": "image_url", "image_url": {"url": url}}]}], "max_tokens": 4}  # fmt: skip
+    return {
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "what colour is this?"},
+                    {"type": "image_url", "image_url": {"url": url}},
+                ],
+            }
+        ],
+        "max_tokens": 4,
+    }
 
 
 def _chat_audio(data: str) -> dict[str, Any]:
-    return {"messages": [{"role": "user", "content": [
-        {"type": "text", "text": "what is said?"},
-        {"type": "input_audio", "input_audio": {"data": data, "format": "wav"}}]}],
-        "max_tokens": 4}  # fmt: skip
+    return {
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "what is said?"},
+                    {"type": "input_audio", "input_audio": {"data": data, "format": "wav"}},
+                ],
+            }
+        ],
+        "max_tokens": 4,
+    }
 
 
 Slot = Callable[[Any], dict[str, Any]]
@@ -245,67 +281,129 @@ def as_data_url(slot: Slot, mime: str) -> Slot:
 def image_slots(kind: str) -> list[tuple[str, Slot, Slot]]:
     """(where, bytes -> request as a file or base64, str -> request with that base64 / URL
     string) for each place ``kind``'s routes take an image."""
-    js = lambda url, t: (lambda s: _json_request(url, t(HOLE), json.dumps(s)))  # noqa: E731
+    js = lambda url, t: lambda s: _json_request(url, t(HOLE), json.dumps(s))  # noqa: E731
     if kind in ("classifier", "vqa"):
         field = "image"
         extra = [("question", None, None, b"what colour is this?")] if kind == "vqa" else []
-        out = [("predict", lambda b: _file_request("/v1/predict", field, b,
-                                                              "image/png", extra),
-                js("/v1/predict", lambda h: {"image": h}))]  # fmt: skip
+        out = [
+            (
+                "predict",
+                lambda b: _file_request("/v1/predict", field, b, "image/png", extra),
+                js("/v1/predict", lambda h: {"image": h}),
+            )
+        ]
         if kind == "classifier":
-            out.append(("predict batch", lambda b: _json_request(
-                "/v1/predict/batch", {"inputs": [{"text": "a red apple"}, {"image": HOLE}]},
-                json.dumps(b64(b))), js("/v1/predict/batch", lambda h: {"inputs": [{"image": h}]})))  # fmt: skip
+            out.append(
+                (
+                    "predict batch",
+                    lambda b: _json_request(
+                        "/v1/predict/batch",
+                        {"inputs": [{"text": "a red apple"}, {"image": HOLE}]},
+                        json.dumps(b64(b)),
+                    ),
+                    js("/v1/predict/batch", lambda h: {"inputs": [{"image": h}]}),
+                )
+            )
         else:
-            out.append(("chat", lambda b: _json_request(
-                "/v1/chat/completions", _chat_image(HOLE), json.dumps(data_url("image/png", b))),
-                js("/v1/chat/completions", _chat_image)))  # fmt: skip
+            out.append(
+                (
+                    "chat",
+                    lambda b: _json_request(
+                        "/v1/chat/completions",
+                        _chat_image(HOLE),
+                        json.dumps(data_url("image/png", b)),
+                    ),
+                    js("/v1/chat/completions", _chat_image),
+                )
+            )
         return out
     if kind == "contrastive":
         return [
-            ("embeddings", lambda b: _json_request("/v1/embeddings", {"input": ["red", HOLE]},
-                                                   json.dumps(data_url("image/png", b))),
-             as_data_url(js("/v1/embeddings", lambda h: {"input": [h]}), "image/png")),
-            ("search", lambda b: _json_request("/v1/search", {"query": HOLE, "k": 3},
-                                               json.dumps(data_url("image/png", b))),
-             as_data_url(js("/v1/search", lambda h: {"query": h, "k": 3}), "image/png")),
-        ]  # fmt: skip
+            (
+                "embeddings",
+                lambda b: _json_request(
+                    "/v1/embeddings", {"input": ["red", HOLE]}, json.dumps(data_url("image/png", b))
+                ),
+                as_data_url(js("/v1/embeddings", lambda h: {"input": [h]}), "image/png"),
+            ),
+            (
+                "search",
+                lambda b: _json_request(
+                    "/v1/search", {"query": HOLE, "k": 3}, json.dumps(data_url("image/png", b))
+                ),
+                as_data_url(js("/v1/search", lambda h: {"query": h, "k": 3}), "image/png"),
+            ),
+        ]
     if kind == "caption":
         return [
-            ("caption", lambda b: _file_request("/v1/caption", "image", b, "image/png"),
-             js("/v1/caption", lambda h: {"image": h})),
-            ("chat", lambda b: _json_request("/v1/chat/completions", _chat_image(HOLE),
-                                             json.dumps(data_url("image/png", b))),
-             js("/v1/chat/completions", _chat_image)),
-        ]  # fmt: skip
+            (
+                "caption",
+                lambda b: _file_request("/v1/caption", "image", b, "image/png"),
+                js("/v1/caption", lambda h: {"image": h}),
+            ),
+            (
+                "chat",
+                lambda b: _json_request(
+                    "/v1/chat/completions", _chat_image(HOLE), json.dumps(data_url("image/png", b))
+                ),
+                js("/v1/chat/completions", _chat_image),
+            ),
+        ]
     if kind == "chat":
-        return [("chat", lambda b: _json_request("/v1/chat/completions", _chat_image(HOLE),
-                                                 json.dumps(data_url("image/png", b))),
-                 js("/v1/chat/completions", _chat_image))]  # fmt: skip
+        return [
+            (
+                "chat",
+                lambda b: _json_request(
+                    "/v1/chat/completions", _chat_image(HOLE), json.dumps(data_url("image/png", b))
+                ),
+                js("/v1/chat/completions", _chat_image),
+            )
+        ]
     return []
 
 
 def audio_slots(kind: str) -> list[tuple[str, Slot, Slot]]:
     """As ``image_slots``, for audio."""
-    js = lambda url, t: (lambda s: _json_request(url, t(HOLE), json.dumps(s)))  # noqa: E731
+    js = lambda url, t: lambda s: _json_request(url, t(HOLE), json.dumps(s))  # noqa: E731
     if kind == "classifier":
-        return [("predict", lambda b: _file_request("/v1/predict", "audio", b,
-                                                              "audio/wav"),
-                 js("/v1/predict", lambda h: {"audio": h}))]  # fmt: skip
+        return [
+            (
+                "predict",
+                lambda b: _file_request("/v1/predict", "audio", b, "audio/wav"),
+                js("/v1/predict", lambda h: {"audio": h}),
+            )
+        ]
     if kind == "contrastive":
-        return [("embeddings", lambda b: _json_request("/v1/embeddings", {"input": [HOLE]},
-                                                       json.dumps(data_url("audio/wav", b))),
-                 as_data_url(js("/v1/embeddings", lambda h: {"input": h}), "audio/wav"))]  # fmt: skip
+        return [
+            (
+                "embeddings",
+                lambda b: _json_request(
+                    "/v1/embeddings", {"input": [HOLE]}, json.dumps(data_url("audio/wav", b))
+                ),
+                as_data_url(js("/v1/embeddings", lambda h: {"input": h}), "audio/wav"),
+            )
+        ]
     if kind == "transcription":
         model = [("model", None, None, b"asr")]
-        return [("transcriptions", lambda b: _file_request("/v1/audio/transcriptions", "file", b,
-                                                           "audio/wav", model),
-                 lambda s: _file_request("/v1/audio/transcriptions", "file", s.encode(),
-                                         "audio/wav", model))]  # fmt: skip
+        return [
+            (
+                "transcriptions",
+                lambda b: _file_request("/v1/audio/transcriptions", "file", b, "audio/wav", model),
+                lambda s: _file_request(
+                    "/v1/audio/transcriptions", "file", s.encode(), "audio/wav", model
+                ),
+            )
+        ]
     if kind == "chat":
-        return [("chat audio", lambda b: _json_request("/v1/chat/completions", _chat_audio(HOLE),
-                                                       json.dumps(b64(b))),
-                 js("/v1/chat/completions", _chat_audio))]  # fmt: skip
+        return [
+            (
+                "chat audio",
+                lambda b: _json_request(
+                    "/v1/chat/completions", _chat_audio(HOLE), json.dumps(b64(b))
+                ),
+                js("/v1/chat/completions", _chat_audio),
+            )
+        ]
     return []
 
 
@@ -314,30 +412,48 @@ def json_templates(kind: str) -> list[tuple[str, Any]]:
     hostile JSON token is tried in each place."""
     msgs = [{"role": "user", "content": HOLE}]
     by_kind: dict[str, list[tuple[str, Any]]] = {
-        "classifier": [("/v1/predict", {"text": HOLE}), ("/v1/predict/batch", {"inputs": HOLE}),
-                       ("/v1/predict", HOLE)],
-        "contrastive": [("/v1/embeddings", {"input": HOLE}), ("/v1/search", {"query": "red",
-                        "k": HOLE}), ("/v1/search", {"embedding": [HOLE] * 32})],
-        "caption": [("/v1/caption", {"image": b64(png_bytes()), "temperature": HOLE}),
-                    ("/v1/chat/completions", {"messages": HOLE})],
+        "classifier": [
+            ("/v1/predict", {"text": HOLE}),
+            ("/v1/predict/batch", {"inputs": HOLE}),
+            ("/v1/predict", HOLE),
+        ],
+        "contrastive": [
+            ("/v1/embeddings", {"input": HOLE}),
+            ("/v1/search", {"query": "red", "k": HOLE}),
+            ("/v1/search", {"embedding": [HOLE] * 32}),
+        ],
+        "caption": [
+            ("/v1/caption", {"image": b64(png_bytes()), "temperature": HOLE}),
+            ("/v1/chat/completions", {"messages": HOLE}),
+        ],
         "vqa": [("/v1/predict", {"question": HOLE}), ("/v1/chat/completions", {"messages": msgs})],
         "transcription": [("/v1/audio/transcriptions", HOLE)],
-        "chat": [("/v1/chat/completions", {"messages": msgs, "max_tokens": 4}),
-                 ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
-                                           "temperature": HOLE, "max_tokens": 4}),
-                 ("/v1/completions", {"prompt": HOLE, "max_tokens": 4})],
-    }  # fmt: skip
+        "chat": [
+            ("/v1/chat/completions", {"messages": msgs, "max_tokens": 4}),
+            (
+                "/v1/chat/completions",
+                {
+                    "messages": [{"role": "user", "content": "hi"}],
+                    "temperature": HOLE,
+                    "max_tokens": 4,
+                },
+            ),
+            ("/v1/completions", {"prompt": HOLE, "max_tokens": 4}),
+        ],
+    }
     return by_kind[kind]
 
 
 def multipart_url(kind: str) -> tuple[str, str, list[str]]:
     """(url, the file field, the other allowed fields) of ``kind``'s multipart route."""
-    return {"classifier": ("/v1/predict", "image", ["text", "audio"]),
-            "vqa": ("/v1/predict", "image", ["question"]),
-            "caption": ("/v1/caption", "image", []),
-            "transcription": ("/v1/audio/transcriptions", "file", ["model"]),
-            "contrastive": ("/v1/embeddings", "input", []),
-            "chat": ("/v1/chat/completions", "messages", [])}[kind]  # fmt: skip
+    return {
+        "classifier": ("/v1/predict", "image", ["text", "audio"]),
+        "vqa": ("/v1/predict", "image", ["question"]),
+        "caption": ("/v1/caption", "image", []),
+        "transcription": ("/v1/audio/transcriptions", "file", ["model"]),
+        "contrastive": ("/v1/embeddings", "input", []),
+        "chat": ("/v1/chat/completions", "messages", []),
+    }[kind]
 
 
 def bad_multiparts(kind: str) -> list[Hostile]:
@@ -350,19 +466,28 @@ def bad_multiparts(kind: str) -> list[Hostile]:
 
     def add(name: str, parts, boundary="mfz", refuse=True, headers=None):
         body, h = multipart(parts, boundary)
-        out.append(Hostile(f"multipart {name}", {"method": "POST", "url": url, "content": body,
-                                                 "headers": headers or h}, refuse))  # fmt: skip
+        out.append(
+            Hostile(
+                f"multipart {name}",
+                {"method": "POST", "url": url, "content": body, "headers": headers or h},
+                refuse,
+            )
+        )
 
     add("no parts", [])
     add("duplicated file part", [(field, "a", ctype, good), (field, "b", ctype, good)])
-    add("duplicated text part", [(text_field, None, None, b"a"), (text_field, None, None, b"b"),
-                                 (field, "a", ctype, good)])  # fmt: skip
+    add(
+        "duplicated text part",
+        [(text_field, None, None, b"a"), (text_field, None, None, b"b"), (field, "a", ctype, good)],
+    )
     add("extra unknown part", [(field, "a", ctype, good), ("colour", None, None, b"red")])
     add("part without a name", [(None, "a", ctype, good)])
-    add("wrong boundary", [(field, "a", ctype, good)],
-        headers={"content-type": "multipart/form-data; boundary=other"})
-    add("no boundary", [(field, "a", ctype, good)],
-        headers={"content-type": "multipart/form-data"})
+    add(
+        "wrong boundary",
+        [(field, "a", ctype, good)],
+        headers={"content-type": "multipart/form-data; boundary=other"},
+    )
+    add("no boundary", [(field, "a", ctype, good)], headers={"content-type": "multipart/form-data"})
     if kind != "transcription":  # the image part: a lying declared type, the wrong bytes
         add("image part holding a wav", [(field, "a.png", "image/png", wav)])
         add("image part holding html", [(field, "a.png", "image/png", html())])
@@ -372,10 +497,18 @@ def bad_multiparts(kind: str) -> list[Hostile]:
         add("audio part holding a png", [(field, "a.wav", "audio/wav", png)])
         add("audio part holding html", [(field, "a.wav", "audio/wav", html())])
     body, headers = multipart([(field, "a", ctype, good)])
-    out.append(Hostile("multipart truncated", {"method": "POST", "url": url,
-                       "content": body[: len(body) // 2], "headers": headers}))  # fmt: skip
-    out.append(Hostile("multipart declared, JSON sent", {"method": "POST", "url": url,
-                       "content": b'{"a": 1}', "headers": headers}))  # fmt: skip
+    out.append(
+        Hostile(
+            "multipart truncated",
+            {"method": "POST", "url": url, "content": body[: len(body) // 2], "headers": headers},
+        )
+    )
+    out.append(
+        Hostile(
+            "multipart declared, JSON sent",
+            {"method": "POST", "url": url, "content": b'{"a": 1}', "headers": headers},
+        )
+    )
     return out
 
 
@@ -402,19 +535,39 @@ def corpus(kind: str) -> list[Hostile]:
     out += bad_multiparts(kind)
     for url in {u for u, _ in json_templates(kind)}:
         out += [
-            Hostile(f"{url}: non-UTF-8 JSON", {"method": "POST", "url": url,
+            Hostile(
+                f"{url}: non-UTF-8 JSON",
+                {
+                    "method": "POST",
+                    "url": url,
                     "content": b'{"text": "caf\xe9"}',
-                    "headers": {"content-type": "application/json"}}),
-            Hostile(f"{url}: empty body", {"method": "POST", "url": url, "content": b"",
-                    "headers": {"content-type": "application/json"}}),
-            Hostile(f"{url}: text/csv body", {"method": "POST", "url": url, "content": b"a,b",
-                    "headers": {"content-type": "text/csv"}}),
+                    "headers": {"content-type": "application/json"},
+                },
+            ),
+            Hostile(
+                f"{url}: empty body",
+                {
+                    "method": "POST",
+                    "url": url,
+                    "content": b"",
+                    "headers": {"content-type": "application/json"},
+                },
+            ),
+            Hostile(
+                f"{url}: text/csv body",
+                {
+                    "method": "POST",
+                    "url": url,
+                    "content": b"a,b",
+                    "headers": {"content-type": "text/csv"},
+                },
+            ),
             Hostile(f"{url}: JSON array", {"method": "POST", "url": url, "json": [1, 2, 3]}),
-        ]  # fmt: skip
+        ]
     return out
 
 
-# -- hypothesis strategies ---------------------------------------------------------------------------
+# -- hypothesis strategies -----------------------------------------------------------------------
 FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
 
 
@@ -447,8 +600,11 @@ def images(draw) -> tuple[str, bytes, bool]:
     if how == "garbage":
         return "garbage", draw(st.binary(max_size=512)), False
     if how == "huge":
-        w, h = draw(st.sampled_from([(1, 10**6), (10**6, 1), (50_000, 50_000), (65535, 65535),
-                                     (2**31 - 1, 2**31 - 1)]))  # fmt: skip
+        w, h = draw(
+            st.sampled_from(
+                [(1, 10**6), (10**6, 1), (50_000, 50_000), (65535, 65535), (2**31 - 1, 2**31 - 1)]
+            )
+        )
         fmt = draw(st.sampled_from(["PNG", "JPEG", "WEBP"]))
         if fmt == "PNG":
             return f"PNG header {w} x {h}", png_claiming(w, h), True
@@ -456,8 +612,11 @@ def images(draw) -> tuple[str, bytes, bool]:
             return f"JPEG header {w} x {h}", jpeg_claiming(min(w, 65535), min(h, 65535)), True
         return f"WebP canvas {w} x {h}", webp_claiming(min(w, 2**24), min(h, 2**24)), True
     if how == "wrong format":
-        name, data = draw(st.sampled_from([("wav", wav_bytes(sine(440, 0.1))),
-                                           ("flac", flac_bytes(0.1)), ("html", html())]))  # fmt: skip
+        name, data = draw(
+            st.sampled_from(
+                [("wav", wav_bytes(sine(440, 0.1))), ("flac", flac_bytes(0.1)), ("html", html())]
+            )
+        )
         return f"{name} as image", data, True
     return draw(st.sampled_from(bad_images()))
 
@@ -478,16 +637,21 @@ def audio(draw) -> tuple[str, bytes, bool]:
         # what no server should take; 3 or 8 channels, 100 Hz or 1 MHz may be mixed down /
         # resampled or refused; a data size of 2**32 - 1 is how streamed WAV says "unknown", 12
         # bits in 16-bit words is valid PCM
-        refuse = (channels in (0, 64, 255, 65535) or bits in (0, 1, 3, 64)
-                  or rate in (0, 1, 4_000_000_000) or lie == 10**9)  # fmt: skip
+        refuse = (
+            channels in (0, 64, 255, 65535)
+            or bits in (0, 1, 3, 64)
+            or rate in (0, 1, 4_000_000_000)
+            or lie == 10**9
+        )
         return f"wav {channels} ch {bits} bit {rate} Hz {frames} frames {lie}", data, refuse
     if how == "mutated":
         fmt = draw(st.sampled_from(["WAV", "FLAC"]))
         data = wav_bytes(sine(draw(st.integers(100, 2000)), 0.2), fmt=fmt)
         return f"{fmt} mutated", draw(_mutated(data)), False
     if how == "wrong format":
-        name, data = draw(st.sampled_from([("png", png_bytes()), ("html", html()),
-                                           ("text", b"not audio at all")]))  # fmt: skip
+        name, data = draw(
+            st.sampled_from([("png", png_bytes()), ("html", html()), ("text", b"not audio at all")])
+        )
         return f"{name} as audio", data, True
     return draw(st.sampled_from(bad_audio()))
 
@@ -495,9 +659,19 @@ def audio(draw) -> tuple[str, bytes, bool]:
 def base64_values() -> st.SearchStrategy[tuple[str, str]]:
     """(what, a string sent where base64 or a data: URL is expected), never a valid one."""
     junk = st.text(st.characters(codec="utf-8"), min_size=1, max_size=40).map(lambda s: "!" + s)
-    lying = st.tuples(st.sampled_from(["text/html", "image/png", "image/jpeg", "audio/wav",
-                                       "application/octet-stream", "image/svg+xml"]),
-                      st.sampled_from([html(), b"%PDF-1.4", b"\0" * 32, b"MZ\x90\0"]))  # fmt: skip
+    lying = st.tuples(
+        st.sampled_from(
+            [
+                "text/html",
+                "image/png",
+                "image/jpeg",
+                "audio/wav",
+                "application/octet-stream",
+                "image/svg+xml",
+            ]
+        ),
+        st.sampled_from([html(), b"%PDF-1.4", b"\0" * 32, b"MZ\x90\0"]),
+    )
     return st.one_of(
         st.sampled_from(bad_base64()),
         junk.map(lambda s: ("junk base64", s)),
@@ -516,9 +690,7 @@ def json_tokens() -> st.SearchStrategy[tuple[str, str]]:
         digits.map(lambda n: (f"{n}-digit number", "1" * n)),
         digits.map(lambda n: (f"{n}-digit float", "0." + "3" * n)),
         st.integers(0xD800, 0xDFFF).map(lambda c: ("lone surrogate", f'"x\\u{c:04x}y"')),
-        st.sampled_from(["NaN", "Infinity", "-Infinity", "1e999", "-1e999"]).map(
-            lambda t: (t, t)
-        ),
+        st.sampled_from(["NaN", "Infinity", "-Infinity", "1e999", "-1e999"]).map(lambda t: (t, t)),
     )
 
 
@@ -527,19 +699,38 @@ def requests(kind: str) -> st.SearchStrategy[Hostile]:
     the fixed corpus."""
     parts: list[st.SearchStrategy[Hostile]] = [st.sampled_from(corpus(kind))]
     for where, as_file, as_string in image_slots(kind):
-        parts.append(images().map(lambda x, f=as_file, w=where: Hostile(f"{w}: {x[0]}", f(x[1]),
-                                                                       x[2])))  # fmt: skip
-        parts.append(base64_values().map(lambda x, f=as_string, w=where: Hostile(
-            f"{w} string: {x[0]}", f(x[1]))))  # fmt: skip
+        parts.append(
+            images().map(lambda x, f=as_file, w=where: Hostile(f"{w}: {x[0]}", f(x[1]), x[2]))
+        )
+        parts.append(
+            base64_values().map(
+                lambda x, f=as_string, w=where: Hostile(f"{w} string: {x[0]}", f(x[1]))
+            )
+        )
     for where, as_file, _ in audio_slots(kind):
-        parts.append(audio().map(lambda x, f=as_file, w=where: Hostile(f"{w}: {x[0]}", f(x[1]),
-                                                                      x[2])))  # fmt: skip
+        parts.append(
+            audio().map(lambda x, f=as_file, w=where: Hostile(f"{w}: {x[0]}", f(x[1]), x[2]))
+        )
     templates = json_templates(kind)
-    parts.append(st.tuples(st.sampled_from(templates), json_tokens()).map(
-        lambda x: Hostile(f"{x[0][0]} json: {x[1][0]}", _json_request(x[0][0], x[0][1], x[1][1]))
-    ))  # fmt: skip
+    parts.append(
+        st.tuples(st.sampled_from(templates), json_tokens()).map(
+            lambda x: Hostile(
+                f"{x[0][0]} json: {x[1][0]}", _json_request(x[0][0], x[0][1], x[1][1])
+            )
+        )
+    )
     return st.one_of(parts)
 
 
-__all__ = ["KINDS", "Hostile", "audio", "base64_values", "corpus", "images", "json_tokens",
-           "multipart", "requests", "wav_header"]  # fmt: skip
+__all__ = [
+    "KINDS",
+    "Hostile",
+    "audio",
+    "base64_values",
+    "corpus",
+    "images",
+    "json_tokens",
+    "multipart",
+    "requests",
+    "wav_header",
+]

@@ -16,10 +16,10 @@ import soundfile as sf
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import fuzz  # noqa: E402
-import hostile_media as hm  # noqa: E402
+import fuzz
+import hostile_media as hm
 
-from .bundles import build  # noqa: E402
+from .bundles import build
 
 
 def test_hostile_builders_make_what_they_claim():
