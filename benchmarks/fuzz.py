@@ -216,6 +216,7 @@ class Tally:
         self.accepted: dict[str, dict[str, Any]] = {}
         self.accepted_count = 0
         self.transport: Counter[str] = Counter()
+        self.transport_examples: list[dict[str, Any]] = []
         self.n = 0
 
     def add(self, source: str, route: str, status: str) -> None:
@@ -304,16 +305,30 @@ def fuzz_kind(
         try:
             r = send()
         except (httpx.HTTPError, requests_lib.RequestException) as err:
-            tally.transport[type(err).__name__] += 1
+            # uvicorn closes a connection whose request raised (even once a 500 went out):
+            # the next request on it fails -- counted apart, it is that 500's doing
+            after = state.get(source) == "5xx"
+            what = type(err).__name__ + (" after a 5xx on the connection" if after else "")
+            tally.transport[what] += 1
             tally.add(source, route, "transport")
+            if len(tally.transport_examples) < KEEP:
+                tally.transport_examples.append(
+                    {"error": what, "detail": str(err)[:300], "name": name, "request": request}
+                )
+            state[source] = "transport"
             if not server.alive():
                 state["gone"] = True
             return
         code = r.status_code
+        state[source] = "5xx" if code >= 500 else "ok"
         tally.add(source, route, str(code))
         if code >= 500:
-            time.sleep(0.05)  # let the log line land
-            tb = traceback_of(server.log_since(offset))
+            tb = None
+            for _ in range(10):  # the traceback may land just after the response
+                tb = traceback_of(server.log_since(offset))
+                if tb:
+                    break
+                time.sleep(0.05)
             tally.server_error(route, code, source, name, request, r.text, tb)
         elif refuse and code < 400:
             tally.accepted_count += 1
@@ -390,6 +405,7 @@ def fuzz_kind(
         "hostile_accepted": tally.accepted_count,
         "hostile_accepted_examples": list(tally.accepted.values()),
         "transport_errors": dict(tally.transport),
+        "transport_examples": tally.transport_examples,
         "server_alive": server.alive(),
         "rss_kb": {
             "before": before,

@@ -444,6 +444,12 @@ def json_templates(kind: str) -> list[tuple[str, Any]]:
     return by_kind[kind]
 
 
+def shape(template: Any) -> str:
+    """A JSON template in short, its hole as ``…``: ``{"text": …}``."""
+    text = json.dumps(template).replace(json.dumps(HOLE), "…")
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def multipart_url(kind: str) -> tuple[str, str, list[str]]:
     """(url, the file field, the other allowed fields) of ``kind``'s multipart route."""
     return {
@@ -531,7 +537,9 @@ def corpus(kind: str) -> list[Hostile]:
                 out.append(Hostile(f"{where} string: {name}", as_string(s)))
     for url, template in json_templates(kind):
         for name, token in bad_json_tokens():
-            out.append(Hostile(f"{url} json: {name}", _json_request(url, template, token)))
+            out.append(
+                Hostile(f"{url} {shape(template)}: {name}", _json_request(url, template, token))
+            )
     out += bad_multiparts(kind)
     for url in {u for u, _ in json_templates(kind)}:
         out += [
@@ -715,7 +723,7 @@ def requests(kind: str) -> st.SearchStrategy[Hostile]:
     parts.append(
         st.tuples(st.sampled_from(templates), json_tokens()).map(
             lambda x: Hostile(
-                f"{x[0][0]} json: {x[1][0]}", _json_request(x[0][0], x[0][1], x[1][1])
+                f"{x[0][0]} {shape(x[0][1])}: {x[1][0]}", _json_request(x[0][0], x[0][1], x[1][1])
             )
         )
     )
