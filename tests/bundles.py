@@ -15,10 +15,14 @@ from pathlib import Path
 
 import pandas as pd
 
+from modalforge.models import EncoderSpec
+
 from .conftest import COLORS, PITCH, WORDS, png_bytes, shade, sine, wav_bytes
 
 KINDS = ("classifier", "contrastive", "caption", "vqa", "transcription", "chat")
 CAPTIONS = {"r": "a bright red apple", "g": "a small green leaf", "b": "the deep blue sea"}
+#: the captioner's image tower (frozen: its features are cached)
+TINY_FROZEN = EncoderSpec("cnn", {"widths": (8, 16), "depth": 1, "image_size": 30}, "frozen")
 
 
 @dataclass
@@ -97,20 +101,17 @@ def contrastive_predictor(manifest: Path, epochs: int = 12):
 
 def caption_predictor(manifest: Path, epochs: int = 25):
     from modalforge.caption import CaptionPredictor
-    from modalforge.models import EncoderSpec
     from modalforge.predictor import FitConfig
     from modalforge.train.module import OptimConfig
 
-    frozen = EncoderSpec("cnn", {"widths": (8, 16), "depth": 1, "image_size": 30}, "frozen")
     optim = OptimConfig(lr=3e-3, warmup_ratio=0.0, label_smoothing=0.1)
-    return CaptionPredictor("image", "text", frozen, dim=32, layers=1, heads=2, dropout=0.0,
+    return CaptionPredictor("image", "text", TINY_FROZEN, dim=32, layers=1, heads=2, dropout=0.0,
                             max_length=8, cache_dir=manifest.parent / "cache",
                             fit_config=FitConfig(epochs=epochs, batch_size=16, patience=30,
                                                  optim=optim))  # fmt: skip
 
 
 def vqa_predictor(manifest: Path, epochs: int = 30):
-    from modalforge.models import EncoderSpec
     from modalforge.predictor import FitConfig, MultimodalPredictor
     from modalforge.schema import Schema
     from modalforge.train.module import OptimConfig
@@ -198,4 +199,4 @@ def build(kind: str, root: Path) -> Served:
                   {"MODALFORGE_LLM_QUANTIZE": "none"})  # fmt: skip
 
 
-__all__ = ["CAPTIONS", "KINDS", "Served", "build"]
+__all__ = ["CAPTIONS", "KINDS", "TINY_FROZEN", "Served", "build"]
