@@ -368,7 +368,7 @@ def audio_slots(kind: str) -> list[tuple[str, Slot, Slot]]:
     if kind == "classifier":
         return [
             (
-                "predict",
+                "predict audio",
                 lambda b: _file_request("/v1/predict", "audio", b, "audio/wav"),
                 js("/v1/predict", lambda h: {"audio": h}),
             )
@@ -376,7 +376,7 @@ def audio_slots(kind: str) -> list[tuple[str, Slot, Slot]]:
     if kind == "contrastive":
         return [
             (
-                "embeddings",
+                "embeddings audio",
                 lambda b: _json_request(
                     "/v1/embeddings", {"input": [HOLE]}, json.dumps(data_url("audio/wav", b))
                 ),
