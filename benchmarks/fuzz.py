@@ -363,7 +363,8 @@ def fuzz_kind(
         )
 
     rng = random.Random(seed)
-    chunk = 0
+    stalled = 0
+    generation_errors: Counter[str] = Counter()
     while tally.n < n and not state["gone"]:
         left = n - tally.n
         take_schema = round(min(left, 250) * schema_share)
@@ -383,10 +384,14 @@ def fuzz_kind(
                 phases=[Phase.generate],
                 suppress_health_check=list(HealthCheck),
             )
-            hypothesis_seed(rng.randrange(2**32))(config(given(strategy)(fn)))()
+            try:
+                hypothesis_seed(rng.randrange(2**32))(config(given(strategy)(fn)))()
+            except Exception as err:  # a strategy that cannot draw (not the server's fault)
+                generation_errors[f"{type(err).__name__}: {str(err)[:200]}"] += 1
             if tally.n == before:  # the strategy yields nothing new: do not spin
-                break
-        chunk += 1
+                stalled += 1
+        if stalled > 3:
+            break
     rss.append((tally.n, server.rss_kb() if server.alive() else 0))
     client.close()
     seconds = time.monotonic() - started
@@ -406,6 +411,7 @@ def fuzz_kind(
         "hostile_accepted_examples": list(tally.accepted.values()),
         "transport_errors": dict(tally.transport),
         "transport_examples": tally.transport_examples,
+        "generation_errors": dict(generation_errors),
         "server_alive": server.alive(),
         "rss_kb": {
             "before": before,
