@@ -446,7 +446,15 @@ def json_templates(kind: str) -> list[tuple[str, Any]]:
 
 def shape(template: Any) -> str:
     """A JSON template in short, its hole as ``…``: ``{"text": …}``."""
-    text = json.dumps(template).replace(json.dumps(HOLE), "…")
+
+    def short(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: short(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [short(v) for v in value[:3]] + (["..."] if len(value) > 3 else [])
+        return f"<{len(value)} chars>" if isinstance(value, str) and len(value) > 24 else value
+
+    text = json.dumps(short(template)).replace(json.dumps(HOLE), "…")
     return text if len(text) <= 60 else text[:57] + "..."
 
 
