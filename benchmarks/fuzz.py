@@ -53,7 +53,7 @@ from hostile_media import KINDS, Hostile, requests  # noqa: E402
 KEEP = 200
 
 
-# -- a served bundle -------------------------------------------------------------------------- ---
+# -- a served bundle ------------------------------------------------------------------------------
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -182,7 +182,7 @@ def traceback_of(log: str) -> dict[str, Any] | None:
     }
 
 
-# -- describing a request ---------------------------------------------------------------------- --
+# -- describing a request -------------------------------------------------------------------------
 def describe(request: dict[str, Any]) -> dict[str, Any]:
     """A hostile request as JSON: method, url, headers, body length, sha256, the first 600
     bytes (base64) -- enough to see what it was and to rebuild it from ``hostile_media``."""
@@ -203,7 +203,7 @@ def describe(request: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-# -- one kind ----------------------------------------------------------------------------------- -
+# -- one kind -------------------------------------------------------------------------------------
 class Tally:
     """What a kind's run saw."""
 
@@ -422,7 +422,7 @@ def fuzz_kind(
     }
 
 
-# -- results ---------------------------------------------------------------------------------- ---
+# -- results --------------------------------------------------------------------------------------
 def write_atomic(path: Path, write: Callable[[Path], None]) -> Path:
     """``write(temporary path)`` beside ``path``, then rename it into place."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -51,7 +51,7 @@ class Hostile(NamedTuple):
     refuse: bool = True
 
 
-# -- media builders -------------------------------------------------------------------------- ----
+# -- media builders -------------------------------------------------------------------------------
 def image_bytes(fmt: str = "PNG", size: tuple[int, int] = (30, 30), color=(200, 40, 40)) -> bytes:
     """A real, small image in ``fmt`` (PNG, JPEG, WEBP, GIF, BMP)."""
     from PIL import Image
@@ -148,7 +148,7 @@ def raw_json(template: Any, token: str) -> bytes:
     return text.replace(json.dumps(HOLE), token).encode("utf-8", "surrogatepass")
 
 
-# -- fixed hostile payloads ------------------------------------------------------------------ ----
+# -- fixed hostile payloads -----------------------------------------------------------------------
 def bad_images() -> list[tuple[str, bytes, bool]]:
     """(name, bytes, certainly refused) for an image input."""
     png, jpg, webp = image_bytes("PNG"), image_bytes("JPEG"), image_bytes("WEBP")
@@ -222,7 +222,7 @@ def bad_json_tokens() -> list[tuple[str, str]]:
     ]
 
 
-# -- where a payload goes, per kind ------------------------------------------------------------ --
+# -- where a payload goes, per kind ---------------------------------------------------------------
 def _json_request(url: str, template: Any, token: str) -> dict[str, Any]:
     return {
         "method": "POST",
@@ -583,7 +583,7 @@ def corpus(kind: str) -> list[Hostile]:
     return out
 
 
-# -- hypothesis strategies -----------------------------------------------------------------------
+# -- hypothesis strategies ------------------------------------------------------------------------
 FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
 
 

@@ -7,10 +7,11 @@ good answer checked against the answer the same request gets alone.
 A tiny bundle of ``--kind`` (``tests/bundles.py``) is served by ``modalforge serve`` in a
 subprocess. A fixed pool of good requests (``good_pool(kind)``: every route and input mix of the
 kind) is sent once each, one at a time: those are the alone answers. Then ``--clients`` asyncio
-clients (httpx, one connection each) send requests back to back for ``--minutes``: each one
-hostile with probability ``--hostile`` (drawn from ``hostile_media.corpus(kind)``), else a good
-one from the pool. A good request must get 200 and its alone answer (floats to 1e-5, the
-serving tests' ``same_answer``; ids, timestamps and usage left out); anything else -- another
+clients (httpx, one pool of as many connections) send requests back to back for ``--minutes``:
+each one hostile with probability ``--hostile`` (drawn from ``hostile_media.corpus(kind)``), else a
+good one from the pool. A good request must get 200 and its alone answer (floats to 1e-5, the
+serving tests' ``same_answer``; ids, timestamps and usage left out, search hits as their scores
+and sets of tied ids); anything else -- another
 status, a timeout, a different answer -- is an error on a good request. A hostile request must
 not get a 5xx, and one that must be refused must get a 4xx.
 
@@ -56,7 +57,7 @@ KEEP = 100
 VOLATILE = ("id", "created", "usage", "system_fingerprint")
 
 
-# -- the good requests -------------------------------------------------------------------------- -
+# -- the good requests ----------------------------------------------------------------------------
 def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
@@ -268,17 +269,39 @@ def chat_image(url: str, text: str, **options) -> dict[str, Any]:
 
 def answer_of(response) -> Any:
     """What must not change between two calls of one good request: the JSON body less
-    ``VOLATILE`` fields (top level), or the text."""
+    ``VOLATILE`` fields (top level), or the text. Search hits become ``search_answer``'s."""
     if response.headers.get("content-type", "").startswith("application/json"):
         body = response.json()
         if isinstance(body, dict):
             for key in VOLATILE:
                 body.pop(key, None)
+            data = body.get("data")
+            if data and isinstance(data, list) and data[0].get("object") == "search_result":
+                body["data"] = search_answer(data)
         return body
     return response.text
 
 
-# -- the load ----------------------------------------------------------------------------------- -
+def search_answer(hits: list[dict[str, Any]], tie: float = 1e-5) -> dict[str, Any]:
+    """The hits of a search as what must not change: the scores in rank order, and the ids of
+    each run of tied scores (within ``tie``) as a set -- the index holds identical vectors (rows
+    of the same colour and shade), whose order among themselves is arbitrary, and a batched
+    query embedding differs from the lone one in the last bits. Of the last run only its size
+    counts: which of several tied entries make the cut at ``k`` is arbitrary too."""
+    groups: list[list[dict[str, Any]]] = []
+    for hit in hits:
+        if groups and abs(groups[-1][0]["score"] - hit["score"]) <= tie:
+            groups[-1].append(hit)
+        else:
+            groups.append([hit])
+    return {
+        "scores": [h["score"] for h in hits],
+        "tied_ids": [sorted(h["id"] for h in g) for g in groups[:-1]],
+        "last_run": len(groups[-1]) if groups else 0,
+    }
+
+
+# -- the load -------------------------------------------------------------------------------------
 def percentile(values: list[float], q: float) -> float | None:
     if not values:
         return None
@@ -524,7 +547,7 @@ def soak(
     return out
 
 
-# -- results ---------------------------------------------------------------------------------- ---
+# -- results --------------------------------------------------------------------------------------
 def plot(payload: dict[str, Any], png: Path) -> None:
     import matplotlib
 
