@@ -11,9 +11,9 @@ clients (httpx, one pool of as many connections) send requests back to back for 
 each one hostile with probability ``--hostile`` (drawn from ``hostile_media.corpus(kind)``), else a
 good one from the pool. A good request must get 200 and its alone answer (floats to 1e-5, the
 serving tests' ``same_answer``; ids, timestamps and usage left out, search hits as their scores
-and sets of tied ids); anything else -- another
-status, a timeout, a different answer -- is an error on a good request. A hostile request must
-not get a 5xx, and one that must be refused must get a 4xx.
+and sets of tied ids); anything else -- another status, a timeout, a different answer -- is an
+error on a good request. A hostile request must not get a 5xx, and one that must be refused must
+get a 4xx.
 
 Recorded: latency p50 / p99 of good requests (overall and per minute), throughput per minute
 (good, hostile), statuses, every error on a good request (the first ``KEEP`` in full), hostile
