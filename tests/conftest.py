@@ -103,3 +103,12 @@ def requires(binary: str):
     return pytest.mark.skipif(
         shutil.which(binary) is None, reason=f"{binary} not installed (make install adds it)"
     )
+
+
+@pytest.fixture(scope="session")
+def classifier_bundle(tmp_path_factory) -> Path:
+    """The serving tests' tiny classifier (``tests/serving.py``), built once for the session:
+    the fuzz and soak tests share it."""
+    from .serving import train_toy_bundle
+
+    return train_toy_bundle(tmp_path_factory.mktemp("classifier"))

@@ -15,10 +15,8 @@ from modalforge.models.decoding import DecodeOptions, decode, length_penalty
 from modalforge.predictor import FitConfig
 from modalforge.train.module import OptimConfig
 
-from .conftest import COLORS, png_bytes, shade
-
-CAPTIONS = {"r": "a bright red apple", "g": "a small green leaf", "b": "the deep blue sea"}
-TINY_FROZEN = EncoderSpec("cnn", {"widths": (8, 16), "depth": 1, "image_size": 30}, "frozen")
+from .bundles import CAPTIONS, TINY_FROZEN, caption_manifest, caption_predictor
+from .conftest import COLORS, png_bytes
 
 
 class Table:
@@ -78,24 +76,12 @@ def test_caption_words_and_detokenize():
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
     """60 squares in three colours (shades vary), each captioned by its colour's sentence."""
-    root = tmp_path_factory.mktemp("captions")
-    (root / "img").mkdir()
-    rows = []
-    for i in range(60):
-        c = "rgb"[i % 3]
-        (root / "img" / f"{i}.png").write_bytes(png_bytes((30, 30), shade(c, i)))
-        rows.append({"image": f"img/{i}.png", "text": CAPTIONS[c]})
-    pd.DataFrame(rows).to_csv(root / "manifest.csv", index=False)
-    return root / "manifest.csv"
+    return caption_manifest(tmp_path_factory.mktemp("captions"))
 
 
 @pytest.fixture(scope="module")
 def fitted(toy):
-    optim = OptimConfig(lr=3e-3, warmup_ratio=0.0, label_smoothing=0.1)
-    p = CaptionPredictor("image", "text", TINY_FROZEN, dim=32, layers=1, heads=2, dropout=0.0,
-                         max_length=8, cache_dir=toy.parent / "cache",
-                         fit_config=FitConfig(epochs=25, batch_size=16, patience=30,
-                                              optim=optim))  # fmt: skip
+    p = caption_predictor(toy)
     p.fit(toy, out_dir=toy.parent / "run", progress=False)
     return p
 

@@ -14,20 +14,14 @@ import re
 import time
 
 import httpx
-import numpy as np
 import pytest
-import soundfile as sf
-from PIL import Image
 
-from modalforge.tasks.chat.data import Conversation, Turn, write_conversations
-from modalforge.tasks.chat.predictor import ChatFitConfig, ChatPredictor
+from tests.bundles import chat_bundle
 from tests.serving import running_server
-from tests.tiny_llm import tiny_gemma, tiny_tokenizer
+from tests.tiny_llm import tiny_tokenizer
 
 openai = pytest.importorskip("openai")
 
-TOWERS = dict(image_encoder="cnn", image_kwargs={"image_size": 32}, audio_encoder="audio_cnn",
-              image_tokens=4, audio_tokens=2)  # fmt: skip
 SCHEMA = {"type": "object", "properties": {"ok": {"type": "boolean"},
                                            "colour": {"enum": ["red", "green", "blue"]}},
           "required": ["ok", "colour"], "additionalProperties": False}  # fmt: skip
@@ -35,25 +29,7 @@ SCHEMA = {"type": "object", "properties": {"ok": {"type": "boolean"},
 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory):
-    root = tmp_path_factory.mktemp("chatserve")
-    llm = root / "llm"
-    tiny_gemma(seed=0).save_pretrained(llm)
-    tiny_tokenizer().save_pretrained(llm)
-    convs = []
-    for k, (name, rgb) in enumerate([("red", (230, 20, 20)), ("green", (20, 200, 20))] * 4):
-        Image.new("RGB", (32, 32), rgb).save(root / f"{name}.png")
-        sf.write(root / f"{name}.wav", 0.3 * np.sin(np.arange(4000) * (k % 2 + 1) * 0.07), 16000)
-        split = "train" if k < 6 else "val"
-        convs += [Conversation(f"i{k}", root / f"{name}.png", None, [Turn("user", "<image>\nwhat?"),
-                               Turn("assistant", name)], split, "caption"),
-                  Conversation(f"a{k}", None, root / f"{name}.wav", [Turn("user", "<audio>\nsaid?"),
-                               Turn("assistant", name)], split, "speech")]  # fmt: skip
-    data = write_conversations(root / "chat.jsonl", convs)
-    fit = ChatFitConfig(batch_size=8, precision="32-true", stage1_epochs=1, stage2_epochs=0)
-    chat = ChatPredictor(str(llm), fit=fit, cache_dir=root / "cache", **TOWERS)
-    chat.fit(data, out_dir=root / "run", progress=False)
-    chat.save(root / "bundle")
-    return root / "bundle"
+    return chat_bundle(tmp_path_factory.mktemp("chatserve"))
 
 
 @pytest.fixture(scope="module")

@@ -17,11 +17,11 @@ from modalforge.models.contrastive import (
     clip_loss,
     contrastive_loss,
 )
-from modalforge.predictor import FitConfig, MultimodalPredictor
-from modalforge.schema import Schema
+from modalforge.predictor import MultimodalPredictor
 from modalforge.train.module import ContrastiveModule, OptimConfig
 
-from .conftest import COLORS, PITCH, WORDS, png_bytes, shade, sine, wav_bytes
+from .bundles import contrastive_manifest, contrastive_predictor
+from .conftest import COLORS, png_bytes
 
 TINY = {
     "image": EncoderSpec("cnn", {"widths": (8, 16), "image_size": 30}),
@@ -85,29 +85,12 @@ def test_bad_pairs_are_refused():
 def toy(tmp_path_factory):
     """60 rows: a coloured square, its colour's words, a tone of its colour's pitch; the colour's
     words ("red apple") as the zero-shot label too."""
-    root = tmp_path_factory.mktemp("clip")
-    (root / "img").mkdir()
-    (root / "aud").mkdir()
-    rows = []
-    for i in range(60):
-        c = "rgb"[i % 3]
-        (root / "img" / f"{i}.png").write_bytes(png_bytes((30, 30), shade(c, i)))
-        (root / "aud" / f"{i}.wav").write_bytes(wav_bytes(sine(PITCH[c] + i % 5, 0.25)))
-        rows.append({"image": f"img/{i}.png", "text": WORDS[c], "audio": f"aud/{i}.wav",
-                     "colour": WORDS[c]})  # fmt: skip
-    path = root / "manifest.csv"
-    pd.DataFrame(rows).to_csv(path, index=False)
-    return path
+    return contrastive_manifest(tmp_path_factory.mktemp("clip"))
 
 
 @pytest.fixture(scope="module")
 def fitted(toy):
-    optim = OptimConfig(lr=3e-3, warmup_ratio=0.0)
-    schema = Schema.from_specs(["image=image", "text=text", "audio=audio"])  # 3 words: text
-    p = ContrastivePredictor("image:text,audio:text", label="colour", encoders=dict(TINY),
-                             embed_dim=32, schema=schema, cache_dir=toy.parent / "cache",
-                             fit_config=FitConfig(epochs=12, batch_size=16, patience=20,
-                                                  optim=optim))  # fmt: skip
+    p = contrastive_predictor(toy)
     before = _loss(p, toy, fresh=True)
     p.fit(toy, out_dir=toy.parent / "run", progress=False)
     return p, before

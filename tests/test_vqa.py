@@ -7,12 +7,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from modalforge.models import EncoderSpec
-from modalforge.predictor import FitConfig, MultimodalPredictor, accuracy_by
-from modalforge.schema import Schema
-from modalforge.train.module import OptimConfig
+from modalforge.predictor import accuracy_by
 from modalforge.vqa import vqa_manifest, yes_no_question, yes_no_words
 
+from .bundles import vqa_manifest as vqa_manifest_of
+from .bundles import vqa_predictor
 from .conftest import COLORS, png_bytes
 
 
@@ -64,25 +63,7 @@ def test_accuracy_by_group_and_its_majority_answer():
 def vqa(tmp_path_factory):
     """Coloured squares asked "what colour is this?" and "is this red?" etc."""
     root = tmp_path_factory.mktemp("vqa")
-    rows = []
-    names = {"r": "red", "g": "green", "b": "blue"}
-    for i in range(60):
-        c = "rgb"[i % 3]
-        (root / f"{i}.png").write_bytes(png_bytes((30, 30), COLORS[c]))
-        rows.append({"image": f"{i}.png", "question": "what colour is this?", "answer": names[c],
-                     "qtype": "colour"})  # fmt: skip
-        asked = "rgb"[(i // 3) % 3]
-        rows.append({"image": f"{i}.png", "question": f"is this {names[asked]}?",
-                     "answer": "yes" if asked == c else "no", "qtype": "yes/no"})  # fmt: skip
-    pd.DataFrame(rows).to_csv(root / "vqa.csv", index=False)
-    optim = OptimConfig(lr=3e-3, warmup_ratio=0.0)
-    p = MultimodalPredictor(
-        label="answer", columns=["image", "question"], fusion="concat", hidden=64,
-        encoders={"image": EncoderSpec("cnn", {"widths": (8, 16), "image_size": 30}, "frozen"),
-                  "question": EncoderSpec("bag_of_embeddings", {"embed_dim": 16})},
-        cache_dir=root / "cache", schema=Schema.from_specs(["image=image", "question=text"]),
-        fit_config=FitConfig(epochs=30, batch_size=16, patience=30, optim=optim),
-    )  # fmt: skip
+    p = vqa_predictor(vqa_manifest_of(root))
     p.fit(root / "vqa.csv", out_dir=root / "run", progress=False)
     return p, root
 
