@@ -16,7 +16,7 @@ from modalforge.predictor import FitConfig
 from modalforge.train.module import OptimConfig
 
 from .bundles import CAPTIONS, TINY_FROZEN, caption_manifest, caption_predictor
-from .conftest import COLORS, png_bytes
+from .conftest import COLORS, png_bytes, shade
 
 
 class Table:

@@ -21,7 +21,7 @@ from modalforge.predictor import MultimodalPredictor
 from modalforge.train.module import ContrastiveModule, OptimConfig
 
 from .bundles import contrastive_manifest, contrastive_predictor
-from .conftest import COLORS, png_bytes
+from .conftest import COLORS, WORDS, png_bytes, shade
 
 TINY = {
     "image": EncoderSpec("cnn", {"widths": (8, 16), "image_size": 30}),

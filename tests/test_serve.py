@@ -599,3 +599,54 @@ def test_media_limits_are_set_at_serve_time(engine):
         assert c.post("/v1/predict", json={"audio": b64(wav_bytes(sine(440, 0.1)))}).is_success
     with TestClient(create_app(engine, ServeConfig(max_image_pixels=40_000_000))) as c:
         assert c.post("/v1/predict", json={"image": b64(RED)}).status_code == 200
+
+
+def test_a_server_fault_keeps_the_keep_alive_connection_open(engine, monkeypatch):
+    """uvicorn drops the connection of a request whose exception reaches it; the Gate stops a
+    fault that has been answered, so the next request on the same socket (another client's,
+    behind a proxy) is answered too."""
+    import socket
+
+    import uvicorn
+
+    from .serving import free_port
+
+    def broken(samples):
+        if any(s.values.get("text") == "bug" for s in samples):
+            raise RuntimeError("a bug")
+        return predict(samples)
+
+    predict = engine.adapter.predict
+    monkeypatch.setattr(engine.adapter, "predict", broken)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(engine), port=port, log_level="critical"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+        def request(sock, text: str) -> bytes:
+            body = json.dumps({"text": text}).encode()
+            sock.sendall(b"POST /v1/predict HTTP/1.1\r\nhost: x\r\ncontent-type: application/json"
+                         b"\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))  # fmt: skip
+            head = b""
+            while b"\r\n\r\n" not in head:
+                chunk = sock.recv(65536)
+                assert chunk, f"the server closed the connection after {head!r}"
+                head += chunk
+            top, _, rest = head.partition(b"\r\n\r\n")
+            length = int(next(line.split(b":")[1] for line in top.split(b"\r\n")
+                              if line.lower().startswith(b"content-length")))  # fmt: skip
+            while len(rest) < length:
+                rest += sock.recv(65536)
+            return top.split(b"\r\n")[0] + b" " + rest
+
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+            assert b" 500 " in request(sock, "bug")
+            answer = request(sock, "a red apple")
+            assert b" 200 " in answer and b'"label"' in answer, answer
+    finally:
+        server.should_exit = True
+        thread.join(30)

@@ -135,16 +135,31 @@ class Gate:
         status = [500]
         rid = request_id(dict(scope.get("headers", [])))
         scope.setdefault("state", {})["request_id"] = rid
+        sent = [False, False]  # response started, response finished
 
         async def send_status(message) -> None:
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
                 headers = [*message.get("headers", []), (b"x-request-id", rid.encode())]
                 message = {**message, "headers": headers}
+                sent[0] = True
+            elif message["type"] == "http.response.body" and not message.get("more_body"):
+                sent[1] = True
             await send(message)
 
         try:
             await self._handle(scope, receive, send_status, path)
+        except Exception as err:
+            # Starlette re-raises a fault after its handler has answered 500 (logged there, with
+            # the request id); raising on would make uvicorn drop the keep-alive connection, and
+            # with it the next request on it, which may be another client's behind a proxy
+            if not sent[0]:
+                log.error("modalforge: server fault on %s (request id %s)", path, rid,
+                          exc_info=err)  # fmt: skip
+                await _send_error(send_status, f"internal error (request id {rid})", 500,
+                                  "server_error")  # fmt: skip
+            elif not sent[1]:
+                raise  # a response cut off mid-body: the connection cannot be reused
         finally:
             self.metrics.observe_request(route, status[0], time.perf_counter() - started)
 
