@@ -178,7 +178,12 @@ def decode_base64(value: str, name: str, expect: Modality | None = None) -> byte
             raise RequestError(
                 f"{name!r}: a data: URL must be base64 ('data:<type>;base64,...')", param=name
             )
-        declared = header[5:].split(";", 1)[0].strip().lower() or None
+        declared = header[5:].split(";", 1)[0].strip().lower()
+        if not declared:  # RFC 2397's default is text/plain: no way to send an image
+            raise RequestError(
+                f"{name!r}: a data: URL must declare its type ('data:image/png;base64,...')",
+                param=name,
+            )
     elif "://" in text[:16]:
         raise RequestError(
             f"{name!r}: URLs are not fetched; send the file's bytes as base64", param=name
