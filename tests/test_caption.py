@@ -216,8 +216,10 @@ def test_caption_and_chat_routes(bundle):
                 r = c.post("/v1/chat/completions", json=bad)
                 assert r.status_code == status and needle in r.json()["error"]["message"], (
                     bad, r.text)  # fmt: skip
-            r = c.post("/v1/caption", json={"image": red, "beam_width": 0})
-            assert r.status_code == 422 and "beam_width" in r.json()["error"]["message"]
+            for bad in ({"beam_width": 0}, {"beam_width": 10**6}, {"seed": -1},
+                        {"temperature": 1e300}, {"length_penalty": 1e300}):  # fmt: skip
+                r = c.post("/v1/caption", json={"image": red, **bad})
+                assert r.status_code == 422 and next(iter(bad)) in r.json()["error"]["message"]
             # the routes set the options; a client's own are checked like any input
             r = c.post("/v1/predict", json={"image": red, "__options__": {"method": "x"}})
             assert r.status_code == 422 and "decoding" in r.json()["error"]["message"], r.text

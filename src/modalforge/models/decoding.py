@@ -24,6 +24,9 @@ import torch
 METHODS = ("greedy", "beam", "sample")
 
 
+MAX_BEAM_WIDTH = 16  # each beam is a row of every decoder step: a request's cost grows with it
+
+
 @dataclass(frozen=True)
 class DecodeOptions:
     method: str = "beam"
@@ -37,10 +40,14 @@ class DecodeOptions:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"decoding method must be one of {METHODS}, not {self.method!r}")
-        if self.beam_width < 1:
-            raise ValueError(f"beam_width must be >= 1, got {self.beam_width}")
-        if not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if not 1 <= self.beam_width <= MAX_BEAM_WIDTH:
+            raise ValueError(f"beam_width must be 1 to {MAX_BEAM_WIDTH}, got {self.beam_width}")
+        if not 0 < self.temperature <= 100:
+            raise ValueError(f"temperature must be > 0 and at most 100, got {self.temperature}")
+        if not -10 <= self.length_penalty <= 10:
+            raise ValueError(f"length_penalty must be -10 to 10, got {self.length_penalty}")
+        if not 0 <= self.seed < 2**63:
+            raise ValueError(f"seed must be 0 to 2**63 - 1, got {self.seed}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.max_length < 2:
