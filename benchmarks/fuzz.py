@@ -465,7 +465,7 @@ def plot(payload: dict[str, Any], png: Path) -> None:
     for i, k in enumerate(names):
         bars.text(i, bottom[i], f"5xx: {kinds[k]['responses_5xx']}", ha="center", va="bottom")
     bars.set_ylabel("responses")
-    bars.set_title("status per bundle kind")
+    bars.set_title("status per bundle kind", pad=16)
     bars.legend()
     for k in names:
         samples = kinds[k]["rss_kb"]["samples"]
