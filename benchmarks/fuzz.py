@@ -48,6 +48,7 @@ sys.path[:0] = [str(HERE), str(ROOT)]
 
 from _machine import cpu_name  # noqa: E402
 from hostile_media import KINDS, Hostile, requests  # noqa: E402
+from modalforge.files import atomic_path, atomic_write_json  # noqa: E402
 
 #: most 5xx responses / accepted hostile requests kept in full per kind (all are counted)
 KEEP = 200
@@ -425,20 +426,13 @@ def fuzz_kind(
 # -- results --------------------------------------------------------------------------------------
 def write_atomic(path: Path, write: Callable[[Path], None]) -> Path:
     """``write(temporary path)`` beside ``path``, then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+    with atomic_path(path) as tmp:
+        write(tmp)
     return path
 
 
 def write_json(path: Path, payload: dict[str, Any]) -> Path:
-    return write_atomic(path, lambda p: p.write_text(json.dumps(payload, indent=2) + "\n"))
+    return atomic_write_json(path, payload)
 
 
 def plot(payload: dict[str, Any], png: Path) -> None:

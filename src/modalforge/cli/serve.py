@@ -98,6 +98,15 @@ def serve(
             "answered 429 + Retry-After (0: no cap).",
         ),
     ] = 64,
+    keep_alive_s: Annotated[
+        float,
+        typer.Option(
+            min=1,
+            help="How long an idle keep-alive connection stays open. Longer than clients' own "
+            "pool expiry (httpx: 5 s), so that the server never closes a connection just as a "
+            "client reuses it (uvicorn's default 5 s races httpx's: a ReadError on the client).",
+        ),
+    ] = 75.0,
     max_image_pixels: Annotated[
         int | None,
         typer.Option(
@@ -168,5 +177,5 @@ def serve(
     console.print(f"  API docs    http://{shown}:{port}/docs")
     if config.api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
         err_console.print("[yellow]warning:[/] listening beyond this machine without --api-key")
-    uvicorn.run(web, host=host, port=port, log_level=log_level,
+    uvicorn.run(web, host=host, port=port, log_level=log_level, timeout_keep_alive=keep_alive_s,
                 timeout_graceful_shutdown=int(config.drain_timeout_s))  # fmt: skip
