@@ -64,6 +64,9 @@ NEW_MESSAGES = {
     "'audio': cannot decode audio: Error opening <_io.BytesIO object at 0x<address>>: Error in "
     "WAV/W64/RF64 file. Short 'fmt ' chunk.":
         "'audio': cannot decode audio: Error in WAV/W64/RF64 file. Short 'fmt ' chunk.",
+    # issue 18: the beam width is bounded above too
+    "beam_width must be >= 1, got 0": "beam_width must be 1 to 16, got 0",
+    "temperature must be > 0, got -1": "temperature must be > 0 and at most 100, got -1",
 }  # fmt: skip
 
 
