@@ -146,6 +146,10 @@ def train(
 
 
 def _print_summary(summary: dict) -> None:
+    if summary.get("rank"):
+        console.print(f"rank {summary['rank']} of {summary['processes']}: trained; rank 0 writes "
+                      "the report and the bundle")  # fmt: skip
+        return
     head = summary.get("headline") or {}
     shown = ", ".join(f"{k} {v:.4f}" for k, v in head.items() if isinstance(v, float))
     console.print(f"[bold]run[/]: {summary['run']}")

@@ -190,6 +190,9 @@ def train_run(
                                         progress=progress)  # fmt: skip
     test = predictor.test_manifest
     summary: dict[str, Any] = {"run": str(out), "history": predictor.history}
+    rank = getattr(predictor, "rank", 0)
+    if rank != 0:  # a DDP worker: rank 0 evaluates and writes the report and the bundle
+        return {**summary, "rank": rank, "processes": predictor.processes, "predictor": predictor}
     if test is not None and len(test):
         extra = {"zero_shot": options.zero_shot} if options.zero_shot else {}
         if options.evaluate_by:

@@ -115,6 +115,8 @@ class TaskPredictor:
         self.featurizers: dict[str, Featurizer] = {}
         self.history: dict[str, Any] = {}
         self.run_dir: Path | None = None
+        # this process's DDP rank in the last fit (0: the one that writes), of how many
+        self.rank, self.processes = 0, 1
         self.test_manifest: Manifest | None = None  # the held-out rows of the last fit
         self.bundle = None  # the Bundle a loaded predictor came from
 
@@ -434,6 +436,7 @@ class TaskPredictor:
         self.model = module.model.cpu().eval()
         first = ("epochs_run", "resumed_from_epoch", "best_checkpoint", "best_score", "monitor")
         rows = {"train": len(train_m), "val": len(val_m), "test": len(self.test_manifest or [])}
+        self.rank, self.processes = loop["rank"], loop["processes"]
         self.history = {
             **{k: loop[k] for k in first},
             "encode_seconds": round(encode_seconds, 3),
@@ -441,7 +444,8 @@ class TaskPredictor:
             "cache": {ns: asdict(s) for ns, s in self.cache.stats.items()},
             "rows": rows,
         }
-        atomic_write_json(run / "history.json", self.history)
+        if self.rank == 0:
+            atomic_write_json(run / "history.json", self.history)
         return self
 
     def _mark_vocabularies(self) -> None:

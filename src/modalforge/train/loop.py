@@ -146,6 +146,9 @@ def fit_module(
         "best_score": None if score is None else float(score),
         "monitor": monitor,
         "train_seconds": round(train_seconds, 3),
+        # under DDP every process runs this; only rank 0 goes on to evaluate and write
+        "rank": int(trainer.global_rank),
+        "processes": int(trainer.world_size),
     }
 
 

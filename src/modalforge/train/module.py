@@ -88,12 +88,24 @@ class MultimodalModule(L.LightningModule):
         loss = self.loss(out, y, batch.get("soft"))
         size = y.shape[0]
         self.log(
-            f"{stage}_loss", loss, prog_bar=True, batch_size=size, on_epoch=True, on_step=False
+            f"{stage}_loss",
+            loss,
+            prog_bar=True,
+            batch_size=size,
+            on_epoch=True,
+            on_step=False,
+            sync_dist=True,
         )
         if self.classify:
             acc = (out.argmax(-1) == y).float().mean()
             self.log(
-                f"{stage}_acc", acc, prog_bar=True, batch_size=size, on_epoch=True, on_step=False
+                f"{stage}_acc",
+                acc,
+                prog_bar=True,
+                batch_size=size,
+                on_epoch=True,
+                on_step=False,
+                sync_dist=True,
             )
         return loss
 
@@ -171,7 +183,7 @@ class ContrastiveModule(MultimodalModule):
                     (s.argmax(1) == torch.arange(len(s), device=s.device)).float().mean()
                 )
         if recalls:
-            self.log("val_recall", torch.stack(recalls).mean(), prog_bar=True)
+            self.log("val_recall", torch.stack(recalls).mean(), prog_bar=True, sync_dist=True)
 
     def _step(self, batch: dict[str, Any], stage: str) -> torch.Tensor:
         from modalforge.models.contrastive import contrastive_loss
@@ -186,8 +198,15 @@ class ContrastiveModule(MultimodalModule):
                               {c: m.detach() for c, m in mask.items()}))  # fmt: skip
         size = len(batch["index"])
         self.log(f"{stage}_loss", loss, prog_bar=True, batch_size=size, on_epoch=True,
-                 on_step=False)  # fmt: skip
-        self.log("temperature", 1 / out.scale, batch_size=size, on_epoch=True, on_step=False)
+                 on_step=False, sync_dist=True)  # fmt: skip
+        self.log(
+            "temperature",
+            1 / out.scale,
+            batch_size=size,
+            on_epoch=True,
+            on_step=False,
+            sync_dist=True,
+        )
         return loss
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
@@ -213,6 +232,13 @@ class CaptionModule(MultimodalModule):
         loss, accuracy = caption_loss(self.model, memory, batch["tokens"], smoothing)
         size = len(batch["index"])
         self.log(f"{stage}_loss", loss, prog_bar=True, batch_size=size, on_epoch=True,
-                 on_step=False)  # fmt: skip
-        self.log(f"{stage}_token_acc", accuracy, batch_size=size, on_epoch=True, on_step=False)
+                 on_step=False, sync_dist=True)  # fmt: skip
+        self.log(
+            f"{stage}_token_acc",
+            accuracy,
+            batch_size=size,
+            on_epoch=True,
+            on_step=False,
+            sync_dist=True,
+        )
         return loss

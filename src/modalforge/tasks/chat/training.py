@@ -99,7 +99,14 @@ class ChatModule(L.LightningModule):
         size = len(batch["index"])
         self.log(f"{stage}_loss", loss, prog_bar=True, batch_size=size, on_epoch=True,
                  on_step=stage == "train")  # fmt: skip
-        self.log(f"{stage}_token_acc", accuracy, batch_size=size, on_epoch=True, on_step=False)
+        self.log(
+            f"{stage}_token_acc",
+            accuracy,
+            batch_size=size,
+            on_epoch=True,
+            on_step=False,
+            sync_dist=True,
+        )
         return loss
 
     def training_step(self, batch, _):

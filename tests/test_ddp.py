@@ -1,0 +1,64 @@
+"""Distributed training with Lightning DDP: two CPU processes (gloo) through the real CLI.
+
+Lightning's DDP launcher re-runs the command in a second process; both train on their shard of
+the rows, and only rank 0 evaluates, writes the report and writes the bundle."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pandas as pd
+import yaml
+
+from modalforge import tasks
+
+from .conftest import write_toy_manifest
+
+
+def test_two_processes_train_one_bundle_whose_metrics_equal_a_single_process_evaluation(
+    tmp_path,
+):
+    manifest = write_toy_manifest(tmp_path, inputs=("image", "text"))
+    frame = pd.read_csv(manifest)
+    frame["split"] = ["train"] * 40 + ["val"] * 10 + ["test"] * 10
+    frame.to_csv(manifest, index=False)
+    config = {
+        "label": "label",
+        "encoders": {"image": "cnn", "text": "bag_of_embeddings"},
+        "encoder_kwargs": {"image": {"widths": [8, 16], "image_size": 30},
+                           "text": {"embed_dim": 16}},
+        "columns": ["image", "text"],
+        "finetune": {"image": "frozen"},  # its features go through the feature cache
+        "fusion_out_dim": 16, "epochs": 4, "batch_size": 8, "patience": 100, "lr": 0.01,
+        "manifest": str(manifest), "out": str(tmp_path / "run"),
+    }  # fmt: skip
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    env = {**os.environ, "MODALFORGE_CACHE": str(tmp_path / "cache")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "modalforge.cli", "train", "--config", str(tmp_path / "config.yaml"),
+         "--devices", "2", "--strategy", "ddp", "--accelerator", "cpu"],
+        capture_output=True, text=True, env=env, timeout=600,
+    )  # fmt: skip
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    assert out.count("rank 1 of 2: trained") == 1, out[-3000:]
+    assert out.count("bundle: ") == 1 and out.count("report: ") == 1, out[-3000:]
+    assert "sync_dist" not in out  # epoch metrics are reduced across the ranks
+    run = tmp_path / "run"
+    with (run / "logs" / "metrics.csv").open() as f:
+        losses = [float(r["train_loss"]) for r in csv.DictReader(f) if r["train_loss"]]
+    assert len(losses) == 4 and losses[-1] < losses[0], losses
+    # the bundle's metrics are what one process measures on the same test rows
+    summary = json.loads((run / "summary.json").read_text())
+    bundle = tasks.load(run / "bundle")
+    alone = bundle.evaluate(manifest, split="test", out_dir=tmp_path / "alone")
+    assert summary["headline"]["n"] == alone["headline"]["n"] == 10
+    for metric in ("accuracy", "f1_macro", "log_loss"):
+        assert abs(summary["headline"][metric] - alone["headline"][metric]) < 1e-6, metric
+    assert bundle.bundle.metrics["accuracy"] == summary["headline"]["accuracy"]
+    leftovers = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert leftovers == ["best.ckpt", "last.ckpt"], leftovers
