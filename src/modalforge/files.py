@@ -30,6 +30,7 @@ import re
 import secrets
 import shutil
 import signal
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,7 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
 # -- fault injection -------------------------------------------------------------------------
 
 _CRASH_COUNTS: dict[str, int] = {}
+_CRASH_LOCK = threading.Lock()
 
 
 def crash_point(name: str) -> None:
@@ -63,7 +65,8 @@ def crash_point(name: str) -> None:
     point, _, nth = wanted.partition(":")
     if point != name:
         return
-    _CRASH_COUNTS[name] = count = _CRASH_COUNTS.get(name, 0) + 1
+    with _CRASH_LOCK:  # writers in threads (a dataset build's workers) count every pass
+        _CRASH_COUNTS[name] = count = _CRASH_COUNTS.get(name, 0) + 1
     if count >= int(nth or 1):
         os.kill(os.getpid(), signal.SIGKILL)
 
@@ -126,7 +129,8 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
             os.close(fd)
 
 
-def _fsync_file(path: Path) -> None:
+def fsync_file(path: str | os.PathLike[str]) -> None:
+    """Flush a written file's data to disk."""
     with path.open("rb") as f:
         os.fsync(f.fileno())
 
@@ -153,7 +157,7 @@ def atomic_path(path: str | os.PathLike[str], point: str | None = None,
             crash_point(f"{point}.write")
         yield tmp
         if durable:
-            _fsync_file(tmp)
+            fsync_file(tmp)
         if point:
             crash_point(f"{point}.rename")
         os.replace(tmp, target)
@@ -262,7 +266,7 @@ def atomic_dir(path: str | os.PathLike[str], point: str | None = None) -> Iterat
         yield tmp
         for file in sorted(tmp.rglob("*")):
             if file.is_file() and not file.is_symlink():
-                _fsync_file(file)
+                fsync_file(file)
         fsync_dir(tmp)
         replace_dir(tmp, target, point)
     except BaseException:
@@ -279,6 +283,7 @@ __all__ = [
     "cache_dir",
     "crash_point",
     "fsync_dir",
+    "fsync_file",
     "remove_stale_temps",
     "replace_dir",
     "sha256_file",
