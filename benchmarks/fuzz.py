@@ -32,7 +32,6 @@ import os
 import random
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -46,6 +45,8 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path[:0] = [str(HERE), str(ROOT)]
 
+from tests.serving import free_port, stop_server  # noqa: E402
+
 from _machine import cpu_name  # noqa: E402
 from hostile_media import KINDS, Hostile, requests  # noqa: E402
 from modalforge.files import atomic_path, atomic_write_json  # noqa: E402
@@ -55,12 +56,6 @@ KEEP = 200
 
 
 # -- a served bundle ------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Server:
     """``modalforge serve BUNDLE ARGS`` (this checkout's ``src``) on a free port, its output in
     ``log``; ``url``, ``pid``, ``rss_kb()``, ``log_since(offset)``."""
@@ -135,13 +130,7 @@ class Server:
             return f.read(200_000).decode("utf-8", "replace")
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_server(self.proc)
         self._out.close()
 
     def __enter__(self) -> Server:

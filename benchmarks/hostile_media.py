@@ -239,34 +239,18 @@ def _file_request(url: str, field: str, data: bytes, ctype: str, extra=None) -> 
     return {"method": "POST", "url": url, "content": body, "headers": headers}
 
 
+def _chat(question: str, part: dict[str, Any]) -> dict[str, Any]:
+    content = [{"type": "text", "text": question}, part]
+    return {"messages": [{"role": "user", "content": content}], "max_tokens": 4}
+
+
 def _chat_image(url: str) -> dict[str, Any]:
-    return {
-        "messages": [
-            {
-                "role": "user",
-                "content": [
-                    {"type": "text", "text": "what colour is this?"},
-                    {"type": "image_url", "image_url": {"url": url}},
-                ],
-            }
-        ],
-        "max_tokens": 4,
-    }
+    return _chat("what colour is this?", {"type": "image_url", "image_url": {"url": url}})
 
 
 def _chat_audio(data: str) -> dict[str, Any]:
-    return {
-        "messages": [
-            {
-                "role": "user",
-                "content": [
-                    {"type": "text", "text": "what is said?"},
-                    {"type": "input_audio", "input_audio": {"data": data, "format": "wav"}},
-                ],
-            }
-        ],
-        "max_tokens": 4,
-    }
+    return _chat("what is said?", {"type": "input_audio",
+                                   "input_audio": {"data": data, "format": "wav"}})  # fmt: skip
 
 
 Slot = Callable[[Any], dict[str, Any]]

@@ -209,7 +209,7 @@ def test_failure_mid_write_leaves_old_bundle(tmp_path, monkeypatch):
     def boom(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(bundle_mod, "_write_text_durable", boom)
+    monkeypatch.setattr(bundle_mod, "_write_text", boom)
     with pytest.raises(OSError, match="disk full"):
         save(target, overwrite=True)
     with pytest.raises(OSError, match="disk full"):

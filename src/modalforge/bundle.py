@@ -71,7 +71,7 @@ from modalforge.files import (
     atomic_dir,
     atomic_write_text,
     crash_point,
-    fsync_dir,
+    fsync_file,
     remove_stale_temps,
     sha256_file,
     temp_name,
@@ -336,10 +336,10 @@ def save_bundle(
         for name, text in asset_json.items():
             target = tmp / name
             target.parent.mkdir(parents=True, exist_ok=True)
-            _write_text_durable(target, text)
+            _write_text(target, text)
         files = {name: _file_entry(tmp / name) for name in [WEIGHTS_NAME, *asset_json]}
         meta = _ordered({**meta_base, "files": dict(sorted(files.items()))})
-        _write_text_durable(tmp / MANIFEST_NAME, _dumps(meta))
+        _write_text(tmp / MANIFEST_NAME, _dumps(meta))
         _check_target(path, overwrite)  # again: it may have changed while we were writing
     return Bundle(path=path, meta=meta)
 
@@ -410,7 +410,7 @@ def add_variant(
                 if not source.is_file():
                     raise BundleError(f"{where}: source {source} is not a file")
                 shutil.copyfile(source, tmp)
-            _fsync(tmp)
+            fsync_file(tmp)
         entries = {fname: _file_entry(tmp) for fname, tmp in staged.items()}
         crash_point("variant.staged")
         if old_files & set(files):
@@ -532,17 +532,6 @@ def write_weights(state_dict: Mapping[str, torch.Tensor], path: str | os.PathLik
     return path
 
 
-def _write_text_durable(path: Path, text: str) -> None:
-    with path.open("w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _fsync(path: Path) -> None:
-    with path.open("rb") as f:
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fsync_dir(path)  # where the platform / file system allows it
+def _write_text(path: Path, text: str) -> None:
+    """A bundle file inside ``atomic_dir``'s folder (which fsyncs every file before the swap)."""
+    path.write_text(text, encoding="utf-8")

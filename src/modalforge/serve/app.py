@@ -64,7 +64,7 @@ class ServeConfig:
     rate_burst: int = 20  # requests a client may send at once before the rate applies
     max_client_concurrency: int | None = 64  # requests in flight per client; None: no cap
     # what one image / audio input may be, checked from its header (None: the bundle's own,
-    # 40 M pixels; audio: 120 s, 600 s for speech-to-text)
+    # 40 M pixels; audio: 120 s)
     max_image_pixels: int | None = None
     max_audio_seconds: float | None = None
 

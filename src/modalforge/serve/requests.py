@@ -49,6 +49,7 @@ def check_body(body: bytes, content_type: str | None) -> str:
 
 MAX_JSON_DEPTH = 32  # nesting of objects and arrays in a request body
 MAX_NUMBER_CHARS = 64  # characters of one JSON number literal
+_TOO_DEEP = f"invalid JSON: nested too deeply (the limit is {MAX_JSON_DEPTH} levels)"
 
 
 class _JsonRefused(ValueError):
@@ -91,10 +92,8 @@ def load_json(body: bytes) -> Any:
         )
     except _JsonRefused as err:
         raise RequestError(f"invalid JSON: {err}", status=400) from None
-    except RecursionError:
-        raise RequestError(
-            f"invalid JSON: nested too deeply (the limit is {MAX_JSON_DEPTH} levels)", status=400
-        ) from None
+    except RecursionError:  # the C parser's own stack limit, far deeper than ours
+        raise RequestError(_TOO_DEEP, status=400) from None
     except json.JSONDecodeError as err:
         raise RequestError(
             f"invalid JSON: {err.msg} at line {err.lineno} column {err.colno}", status=400
@@ -114,14 +113,12 @@ def _check_tree(obj: Any) -> None:
         if not isinstance(value, dict | list):
             continue
         if depth > MAX_JSON_DEPTH:
-            raise RequestError(
-                f"invalid JSON: nested too deeply (the limit is {MAX_JSON_DEPTH} levels)",
-                status=400,
-            )
+            raise RequestError(_TOO_DEEP, status=400)
         if isinstance(value, dict):
             for key, item in value.items():
-                _check_unicode(key, f"{where}.{key}" if where else key)
-                stack.append((item, depth + 1, f"{where}.{key}" if where else key))
+                at = f"{where}.{key}" if where else key
+                _check_unicode(key, at)
+                stack.append((item, depth + 1, at))
         else:
             stack.extend((item, depth + 1, f"{where}[{i}]") for i, item in enumerate(value))
 
@@ -167,9 +164,10 @@ def json_fields(obj: Any, columns: dict[str, Column], where: str = "body") -> di
 def decode_base64(value: str, name: str, expect: Modality | None = None) -> bytes:
     """Strict base64 (standard or URL-safe alphabet), optionally inside a ``data:`` URL.
 
-    A ``data:`` URL's declared type must say what the bytes are: ``image/*`` bytes that sniff as
-    an image, ``audio/*`` bytes that sniff as audio (``application/octet-stream`` or no type:
-    the bytes decide). ``expect``: the modality the field takes, checked against both."""
+    A ``data:`` URL must declare its type, and the type must say what the bytes are: ``image/*``
+    bytes that sniff as an image, ``audio/*`` bytes that sniff as audio
+    (``application/octet-stream``, like plain base64: the bytes decide). ``expect``: the
+    modality the field takes, checked against the type and the sniffed bytes."""
     text = value.strip()
     declared = None
     if text.startswith("data:"):

@@ -98,7 +98,7 @@ class ChatModule(L.LightningModule):
         loss, accuracy = self.model.loss(batch, self.skip_ids)
         size = len(batch["index"])
         self.log(f"{stage}_loss", loss, prog_bar=True, batch_size=size, on_epoch=True,
-                 on_step=stage == "train")  # fmt: skip
+                 on_step=stage == "train", sync_dist=True)  # fmt: skip
         self.log(
             f"{stage}_token_acc",
             accuracy,
