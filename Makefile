@@ -97,7 +97,7 @@ endif
 lock:
 	rm -rf /tmp/modalforge-lock && $(PY) -m venv /tmp/modalforge-lock
 	/tmp/modalforge-lock/bin/pip install -q torch==2.13.0
-	/tmp/modalforge-lock/bin/pip install -q -e ".[dev,graph]"
+	/tmp/modalforge-lock/bin/pip install -q -e ".[dev,graph,ray]"
 	{ sed -n '1,2p' requirements/lock.txt; /tmp/modalforge-lock/bin/pip freeze --exclude-editable | grep -v -E '^torch=='; } > requirements/lock.new
 	mv requirements/lock.new requirements/lock.txt
 

@@ -112,3 +112,36 @@ def classifier_bundle(tmp_path_factory) -> Path:
     from .serving import train_toy_bundle
 
     return train_toy_bundle(tmp_path_factory.mktemp("classifier"))
+
+
+@pytest.fixture(scope="session")
+def local_ray():
+    """A local Ray of 2 CPUs for the scale-out tests, shared by them, shut down at the end.
+
+    Nothing goes into the home folder: Ray's token authentication stays on, with a token given
+    in the environment (Ray would otherwise generate one into ~/.ray/auth_token), usage stats
+    are off, and the session files live in a temporary folder (short: Ray's sockets live there).
+    """
+    import os
+    import secrets
+    import tempfile
+
+    saved = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN",
+                                            "RAY_USAGE_STATS_ENABLED")}  # fmt: skip
+    # before ray is imported: its token loader reads the environment once
+    os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16),
+                      RAY_USAGE_STATS_ENABLED="0")  # fmt: skip
+    ray = pytest.importorskip("ray", reason="the ray extra is not installed (make installs it)")
+    temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=256 * 2**20,
+             _temp_dir=temp, log_to_driver=False)  # fmt: skip
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+        shutil.rmtree(temp, ignore_errors=True)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
