@@ -36,7 +36,13 @@ def llm_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def chat_data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("chatdata")
+    return write_chat_data(tmp_path_factory.mktemp("chatdata"))
+
+
+def write_chat_data(root: Path) -> Path:
+    """60 conversations (21/6/3 per kind in train/val/test): a coloured square's name, a
+    tone's "name"."""
+    root.mkdir(parents=True, exist_ok=True)
     for i, (name, rgb) in enumerate(COLORS.items()):
         Image.new("RGB", (32, 32), rgb).save(root / f"{name}.png")
         wave = 0.3 * np.sin(np.arange(8000) * (i + 1) * 0.07).astype("float32")

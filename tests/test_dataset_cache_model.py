@@ -86,6 +86,44 @@ def test_feature_cache_hits_and_invalidates(tmp_path, mixed_manifest):
     assert sum(calls) == 13  # new namespace: everything re-encoded
 
 
+def test_feature_cache_filled_at_once_by_two_writers_encodes_each_item_once(
+    tmp_path, mixed_manifest
+):
+    """Two writers (DDP ranks, two runs on one MODALFORGE_CACHE) miss the same rows at the same
+    moment: one encodes while the other waits on the namespace's lock and then reads its rows.
+    Each writer opens its own lock file handle, so threads contend exactly as processes do."""
+    import threading
+    import time
+
+    m = read_manifest(mixed_manifest)
+    torch.manual_seed(0)
+    enc = create_encoder("cnn", widths=(8, 16), image_size=30).freeze()
+    feat = Featurizer(Modality.IMAGE, enc.preprocessing)
+    encoded, results, start = [], {}, threading.Barrier(2)
+
+    def encode(values):
+        encoded.extend(values)
+        time.sleep(0.3)  # long enough for the other writer to miss too
+        return enc(feat.collate([feat.load(v, m.root) for v in values])).pooled
+
+    def writer(name):
+        cache = FeatureCache(tmp_path / "cache")
+        start.wait()
+        results[name] = cache.features(enc, Modality.IMAGE, m.frame["image"].tolist(), m.root,
+                                       encode, progress=False)[0]  # fmt: skip
+        results[name + ".stats"] = next(iter(cache.stats.values()))
+
+    threads = [threading.Thread(target=writer, args=(n,)) for n in ("a", "b")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert sorted(encoded) == sorted(m.frame["image"].tolist())  # 6 rows, each encoded once
+    assert torch.equal(results["a"], results["b"])
+    stats = sorted((results["a.stats"].misses, results["b.stats"].misses))
+    assert stats == [0, 6]  # the waiting writer found every row
+
+
 def test_model_from_config_with_cached_features_and_masks():
     config = ModelConfig(
         task="classification",

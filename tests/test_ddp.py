@@ -62,3 +62,38 @@ def test_two_processes_train_one_bundle_whose_metrics_equal_a_single_process_eva
     assert bundle.bundle.metrics["accuracy"] == summary["headline"]["accuracy"]
     leftovers = sorted(p.name for p in (run / "checkpoints").iterdir())
     assert leftovers == ["best.ckpt", "last.ckpt"], leftovers
+
+
+def test_the_chat_llm_trains_on_two_processes_and_rank_0_alone_writes(tmp_path):
+    """The chat task runs its own two-stage loop: both stages on 2 gloo processes (projectors,
+    then LoRA), one bundle, one history."""
+    from tests.test_chat_task import TOWERS, write_chat_data
+    from tests.tiny_llm import tiny_gemma, tiny_tokenizer
+
+    llm = tmp_path / "llm"
+    tiny_gemma(seed=0).save_pretrained(llm)
+    tiny_tokenizer().save_pretrained(llm)
+    data = write_chat_data(tmp_path / "data")
+    config = {
+        "task": "chat", "manifest": str(data), "out": str(tmp_path / "run"),
+        "encoders": {"image": TOWERS["image_encoder"], "audio": TOWERS["audio_encoder"]},
+        "encoder_kwargs": {"image": TOWERS["image_kwargs"]},
+        "batch_size": 6, "precision": "32-true", "patience": 5,
+        "task_options": {"llm": str(llm), "image_tokens": TOWERS["image_tokens"],
+                         "audio_tokens": TOWERS["audio_tokens"], "stage1_epochs": 2,
+                         "stage2_epochs": 1, "stage1_lr": 3e-3, "stage2_lr": 3e-3,
+                         "lora": {"r": 4, "alpha": 8}},
+    }  # fmt: skip
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    env = {**os.environ, "MODALFORGE_CACHE": str(tmp_path / "cache")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "modalforge.cli", "train", "--config", str(tmp_path / "config.yaml"),
+         "--devices", "2", "--strategy", "ddp", "--accelerator", "cpu"],
+        capture_output=True, text=True, env=env, timeout=600,
+    )  # fmt: skip
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    assert out.count("rank 1 of 2: trained") == 1 and out.count("bundle: ") == 1, out[-3000:]
+    history = json.loads((tmp_path / "run" / "history.json").read_text())
+    assert [s["processes"] for s in history["stages"]] == [2, 2]
+    assert tasks.load(tmp_path / "run" / "bundle").task == "chat"

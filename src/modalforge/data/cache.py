@@ -4,10 +4,17 @@ One SQLite file per *namespace* = (encoder id, weights fingerprint, preprocessin
 row per *item key* = sha256 of the input's content (a file's bytes, a text's UTF-8). So a second
 run, a fusion sweep or a cross-validation fold never re-encodes unchanged data, and a change of
 encoder, weights, preprocessing or file content misses the cache by construction.
+
+Several processes may fill one cache at once (the ranks of a DDP run, two runs sharing
+``MODALFORGE_CACHE``): the one that misses takes the namespace's file lock, looks again, encodes
+what is still missing and commits; the others wait on the lock and then find those rows. So each
+item is encoded once, and SQLite's transactions keep the file whole whoever writes.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import sqlite3
@@ -104,8 +111,32 @@ class FeatureCache:
             content_key(modality, v, root) if p else None
             for v, p in zip(values, present, strict=True)
         ]
-        found: dict[str, np.ndarray] = {}
         wanted = sorted({k for k in keys if k is not None})
+        found = self._lookup(ns, wanted)
+        stats.lookup_seconds += time.perf_counter() - t0
+        encoded = 0
+        if len(found) < len(wanted):
+            with self._lock(ns):  # another process may have encoded them while this one waited
+                found.update(self._lookup(ns, [k for k in wanted if k not in found]))
+                todo = [(k, v) for k, v in dict(zip(keys, values, strict=True)).items()
+                        if k is not None and k not in found]  # fmt: skip
+                if todo:
+                    t0 = time.perf_counter()
+                    new = self._encode(todo, encode_batch, batch_size, progress, encoder.name)
+                    stats.encode_seconds += time.perf_counter() - t0
+                    self._insert(ns, new)
+                    found.update(new)
+                    encoded = len(todo)
+        stats.hits += len(wanted) - encoded
+        stats.misses += encoded
+        out = np.zeros((len(values), dim or encoder.output_dim), dtype=np.float32)
+        for i, key in enumerate(keys):
+            if key is not None:
+                out[i] = found[key]
+        return torch.from_numpy(out), present
+
+    def _lookup(self, ns: str, wanted: list[str]) -> dict[str, np.ndarray]:
+        found: dict[str, np.ndarray] = {}
         with self._db(ns) as db:
             for start in range(0, len(wanted), 500):
                 chunk = wanted[start : start + 500]
@@ -114,33 +145,29 @@ class FeatureCache:
                     f"SELECT key, dim, vec FROM features WHERE key IN ({marks})", chunk
                 ):
                     found[key] = np.frombuffer(blob, dtype=np.float32, count=dim)
-        stats.lookup_seconds += time.perf_counter() - t0
-        todo = [
-            (k, v)
-            for k, v in dict(zip(keys, values, strict=True)).items()
-            if k is not None and k not in found
-        ]
-        stats.hits += len(wanted) - len(todo)
-        stats.misses += len(todo)
-        if todo:
-            t0 = time.perf_counter()
-            new = self._encode(todo, encode_batch, batch_size, progress, encoder.name)
-            stats.encode_seconds += time.perf_counter() - t0
-            crash_point("cache.insert")
-            # one transaction: a run killed before its commit leaves the cache as it was
-            # (SQLite's journal rolls the half back), and the next run encodes those again
-            with self._db(ns) as db:
-                db.executemany(
-                    "INSERT OR REPLACE INTO features VALUES (?, ?, ?)",
-                    [(k, len(vec), vec.astype(np.float32).tobytes()) for k, vec in new.items()],
-                )
-                crash_point("cache.commit")
-            found.update(new)
-        out = np.zeros((len(values), dim or encoder.output_dim), dtype=np.float32)
-        for i, key in enumerate(keys):
-            if key is not None:
-                out[i] = found[key]
-        return torch.from_numpy(out), present
+        return found
+
+    def _insert(self, ns: str, new: dict[str, np.ndarray]) -> None:
+        crash_point("cache.insert")
+        # one transaction: a run killed before its commit leaves the cache as it was (SQLite's
+        # journal rolls the half back), and the next run encodes those again
+        with self._db(ns) as db:
+            db.executemany(
+                "INSERT OR REPLACE INTO features VALUES (?, ?, ?)",
+                [(k, len(vec), vec.astype(np.float32).tobytes()) for k, vec in new.items()],
+            )
+            crash_point("cache.commit")
+
+    @contextlib.contextmanager
+    def _lock(self, ns: str):
+        """The namespace's exclusive file lock (``flock``: released by the kernel if the holder
+        dies, so a killed rank never leaves the others waiting)."""
+        with open(self.root / f"{ns}.lock", "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
 
     @staticmethod
     def _encode(todo, encode_batch, batch_size, progress, name) -> dict[str, np.ndarray]:

@@ -118,9 +118,17 @@ def fit_module(
         loggers.append(L.pytorch.loggers.TensorBoardLogger(run, name="tensorboard", version=""))
     precision = settings.precision or ("16-mixed" if torch.cuda.is_available() else "32-true")
     quiet_lightning()
+    strategy: Any = settings.strategy
+    if strategy == "ddp":
+        # a batch without one modality leaves that tower's / projector's parameters without a
+        # gradient on its rank; plain DDP then waits forever for their all-reduce (measured: the
+        # chat task's image-only and audio-only batches hung both ranks), so DDP is told to look
+        from lightning.pytorch.strategies import DDPStrategy
+
+        strategy = DDPStrategy(find_unused_parameters=True)
     trainer = L.Trainer(
         max_epochs=settings.epochs, accelerator=settings.accelerator, devices=settings.devices,
-        strategy=settings.strategy, num_nodes=settings.num_nodes, precision=precision,
+        strategy=strategy, num_nodes=settings.num_nodes, precision=precision,
         callbacks=callbacks, logger=loggers, enable_progress_bar=progress,
         enable_model_summary=False, deterministic="warn", log_every_n_steps=5,
         default_root_dir=run, plugins=[atomic_checkpoint_io()],

@@ -61,6 +61,11 @@ class ChatFitConfig:
     max_per_type: dict[str, int] | None = None
     seed: int = 0
     num_workers: int = 0
+    # where each stage trains (Lightning's; --devices 2 --strategy ddp: two processes)
+    accelerator: str = "auto"
+    devices: Any = "auto"
+    strategy: str = "auto"
+    num_nodes: int = 1
 
 
 class ChatPredictor:
@@ -94,6 +99,8 @@ class ChatPredictor:
         self.format = ChatFormat(tokenizer, image_tokens, audio_tokens)
         self.model = ChatModel(self.config, model, self.format.image_id, self.format.audio_id)
         self.history: dict[str, Any] = {}
+        # this process's DDP rank in the last fit (0: the one that writes), of how many
+        self.rank, self.processes = 0, 1
         self.test_manifest: list | None = None  # the held-out conversations after fit()
         self.bundle = None
         self._engine = None
@@ -204,7 +211,8 @@ class ChatPredictor:
             skip = (self.format.end_id,) if stage == 1 else ()
             module = ChatModule(self.model, lr, cfg.weight_decay, total_steps=steps,
                                 skip_ids=skip)  # fmt: skip
-            settings = LoopSettings(epochs=epochs, patience=cfg.patience, precision=cfg.precision)
+            settings = LoopSettings(epochs, cfg.patience, cfg.accelerator, cfg.devices,
+                                    cfg.strategy, cfg.num_nodes, cfg.precision)  # fmt: skip
             loop = fit_module(module, self._loader(train, True), self._loader(val, False),
                               run / f"stage{stage}", settings, "val_loss", "min", resume,
                               progress)  # fmt: skip
@@ -215,7 +223,10 @@ class ChatPredictor:
                         "epochs_run": sum(s["epochs_run"] for s in stages),
                         "rows": {k: len(v) for k, v in parts.items()},
                         "fit": asdict(cfg)}  # fmt: skip
-        atomic_write_json(run / "history.json", self.history, default=str)
+        if stages:
+            self.rank, self.processes = stages[-1]["rank"], stages[-1]["processes"]
+        if self.rank == 0:  # under DDP only rank 0 writes (train_run: evaluates, saves)
+            atomic_write_json(run / "history.json", self.history, default=str)
         self.run_dir = run
         self._engine = None
         return self
@@ -367,7 +378,9 @@ def from_options(options, encoders, fit, schema) -> ChatPredictor:
         raise ValueError(f"task_options: unknown chat option(s) {unknown} (known: "
                          f"{sorted([*model_keys, *fit_keys])})")  # fmt: skip
     fit_config = ChatFitConfig(batch_size=options.batch_size, seed=options.seed,
-                               patience=options.patience, **extra)  # fmt: skip
+                               patience=options.patience, accelerator=fit.accelerator,
+                               devices=fit.devices, strategy=fit.strategy,
+                               num_nodes=fit.num_nodes, **extra)  # fmt: skip
     if options.precision:
         fit_config.precision = options.precision
     image, audio = encoders.get("image"), encoders.get("audio")
