@@ -207,3 +207,12 @@ def test_two_replicas_serve_the_same_app(local_ray, clip_bundle):
 
     _until(lambda: not serve_actors(), 15)
     assert not serve_actors(), serve_actors()  # the controller, the proxy, the board: gone
+
+
+def test_ray_flags_need_ray(tmp_path):
+    from typer.testing import CliRunner
+
+    from modalforge.cli import app as cli
+
+    result = CliRunner().invoke(cli, ["serve", str(tmp_path), "--replicas", "2"])
+    assert result.exit_code != 0 and "need --ray" in result.output, result.output
