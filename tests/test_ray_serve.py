@@ -216,3 +216,17 @@ def test_ray_flags_need_ray(tmp_path):
 
     result = CliRunner().invoke(cli, ["serve", str(tmp_path), "--replicas", "2"])
     assert result.exit_code != 0 and "need --ray" in result.output, result.output
+
+
+def test_apply_tuning_takes_another_engines_choices(clip_bundle):
+    from modalforge.runtime.engine import Engine
+
+    engine = Engine.from_bundle(clip_bundle, device="cpu")
+    tuned = Engine.from_bundle(clip_bundle, device="cpu")
+    tuning = tuned.tune(max_batch=4)
+    assert engine.apply_tuning(tuning) == tuning and engine.tuning is not tuning
+    assert engine.chunk_size == tuned.chunk_size and engine.chunk_size["image"] >= 1
+    engine.apply_tuning({"image": {"chunk_size": 3}})
+    assert engine.chunk_size["image"] == 3
+    with pytest.raises(ValueError, match="nope"):
+        engine.apply_tuning({"nope": {"chunk_size": 2}})
