@@ -29,6 +29,7 @@ import asyncio
 import json
 import os
 import secrets
+import shutil
 import sys
 import tempfile
 import time
@@ -154,6 +155,7 @@ def measure(bundle: Path, seconds: float, clients: int = 32, manifest: Path | No
                 results[variant] = _ray_variant(variant, bundle, args, work, cores)
         finally:
             ray.shutdown()
+            shutil.rmtree(temp, ignore_errors=True)
     return {"bundle": str(bundle), "clients": clients, "seconds": seconds, "cores": cores,
             "variants": results}  # fmt: skip
 
