@@ -12,6 +12,7 @@ the task's runtime model (``runtime.onnx`` / ``runtime.caption``) behind the sam
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import functools
 import logging
@@ -368,6 +369,25 @@ class Engine:
                     "chunk_size": best,
                     "ms_per_image": {k: round(1000 * v, 3) for k, v in timings.items()},
                 }
+        return self.tuning
+
+    def apply_tuning(self, tuning: Mapping[str, Any]) -> dict[str, Any]:
+        """Take the choices ``tune`` made in another copy of this engine (another Ray Serve
+        replica of the same bundle, on the same CPUs) instead of timing them again, so every copy
+        runs alike: each image column's ``chunk_size``, each text column's ``padding``.
+        ``tuning``: what that copy's ``tune`` returned. Raises ValueError for a column this
+        model does not read. -> ``self.tuning`` (a copy of ``tuning``)."""
+        unknown = sorted(set(tuning) - set(self.featurizers))
+        if unknown:
+            raise ValueError(f"tuning for column(s) {unknown}; this model reads "
+                             f"{sorted(self.featurizers)}")  # fmt: skip
+        for name, choice in tuning.items():
+            if "chunk_size" in choice:
+                self.chunk_size[name] = int(choice["chunk_size"])
+            if "padding" in choice:
+                feat = self.featurizers[name]
+                feat.text_cfg = dataclasses.replace(feat.text_cfg, padding=choice["padding"])
+        self.tuning = copy.deepcopy(dict(tuning))
         return self.tuning
 
     def _tune_padding(self, feat, encoder) -> dict[str, Any]:

@@ -21,7 +21,7 @@ import math
 import re
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,6 +67,25 @@ class ServeConfig:
     # 40 M pixels; audio: 120 s)
     max_image_pixels: int | None = None
     max_audio_seconds: float | None = None
+
+
+@dataclass
+class Hooks:
+    """How a host that runs several copies of the app changes it (``serve.ray_serve``: one copy
+    per Ray Serve replica); the plain server has none, and each one left out changes nothing.
+
+    ``warmup(engine, max_batch)`` runs in the inference thread instead of
+    ``engine.warmup(max_batch)``; ``started()`` is awaited once the app is ready and
+    ``stopping()`` when it starts draining; ``metrics(own)`` turns this app's Prometheus
+    exposition into what ``/metrics`` answers, ``readiness(body)`` this app's ``/readyz`` body
+    into what it answers (the status code stays this app's own).
+    """
+
+    warmup: Callable[[Engine, int], None] | None = None
+    started: Callable[[], Awaitable[None]] | None = None
+    stopping: Callable[[], Awaitable[None]] | None = None
+    metrics: Callable[[bytes], Awaitable[bytes]] | None = None
+    readiness: Callable[[dict[str, Any]], Awaitable[dict[str, Any]]] | None = None
 
 
 def error_body(
@@ -118,12 +137,17 @@ class Gate:
         self.limit = limit
         self.api_key = api_key
         self.metrics = metrics
-        self.routes = routes
+        self.paths = routes
         self.client_limits = client_limits
 
     @property
     def state(self):
         return self.app.state
+
+    @property
+    def routes(self):
+        """The app's routes, for hosts that read them (Ray Serve labels its metrics by route)."""
+        return self.app.routes
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -131,7 +155,7 @@ class Gate:
             return
         started = time.perf_counter()
         path = scope["path"]
-        route = path if path in self.routes else "other"
+        route = path if path in self.paths else "other"
         status = [500]
         rid = request_id(dict(scope.get("headers", [])))
         scope.setdefault("state", {})["request_id"] = rid
@@ -253,14 +277,18 @@ async def _send_error(
 
 
 def create_app(
-    engine: Engine, config: ServeConfig | None = None, index: EmbeddingIndex | None = None
+    engine: Engine,
+    config: ServeConfig | None = None,
+    index: EmbeddingIndex | None = None,
+    hooks: Hooks | None = None,
 ) -> FastAPI:
     """The service for one loaded bundle. Start it with uvicorn (``modalforge serve``).
     ``index``: an embedding index built with this bundle (``modalforge index build``), searched
-    by ``POST /v1/search``."""
+    by ``POST /v1/search``; ``hooks``: see ``Hooks`` (Ray Serve's replicas)."""
     import os
 
     config = config or ServeConfig()
+    hooks = hooks or Hooks()
     engine.limit_media(config.max_image_pixels, config.max_audio_seconds)
     if index is not None:
         check_index(engine, index)
@@ -285,11 +313,16 @@ def create_app(
     async def lifespan(app: FastAPI):
         await batcher.start()
         # warm up in the inference thread itself (its torch threads, its lazy initialisation)
-        await batcher.run_in_worker(lambda: engine.warmup(config.max_batch))
+        warmup = hooks.warmup or (lambda e, size: e.warmup(size))
+        await batcher.run_in_worker(lambda: warmup(engine, config.max_batch))
         state["status"] = "ready"
         log.info("modalforge: serving %s (version %s)", engine.name, engine.version)
+        if hooks.started is not None:
+            await hooks.started()
         yield
         state["status"] = "draining"
+        if hooks.stopping is not None:
+            await hooks.stopping()
         await batcher.stop(config.drain_timeout_s)
 
     app = FastAPI(
@@ -299,7 +332,7 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.engine, app.state.batcher, app.state.metrics = engine, batcher, metrics
-    app.state.config = config
+    app.state.config, app.state.context = config, ctx
 
     # -- errors: one shape everywhere -----------------------------------------------------------
     @app.exception_handler(RequestError)
@@ -351,11 +384,16 @@ def create_app(
     async def readyz():
         ready = state["status"] == "ready"
         body = {"status": state["status"], "queue_depth": batcher.depth}
+        if hooks.readiness is not None:
+            body = await hooks.readiness(body)
         return JSONResponse(body, 200 if ready else 503)
 
     @app.get("/metrics", tags=["ops"], summary="Prometheus metrics")
     async def prometheus():
-        return Response(metrics.render(), media_type=metrics.content_type)
+        text = metrics.render()
+        if hooks.metrics is not None:
+            text = await hooks.metrics(text)
+        return Response(text, media_type=metrics.content_type)
 
     @app.get("/", include_in_schema=False)
     async def playground():
