@@ -10,7 +10,7 @@ Two ways Ray Data goes wrong on a small machine, and what this module does about
   are read by the caller (the same reader as in-process, so CSV's missing-value rules and row
   numbers are the same) and handed over as in-memory blocks, so there is no read task at all;
 * **one actor doing all the work**: one Parquet file is one block, and a block goes to one
-  actor. The rows are cut into at least two blocks per actor (``batch.blocks_for``), each at
+  actor. The rows are cut into at least two blocks per actor (``batch_score.blocks_for``), each at
   most ``batch_size`` rows, and ``map_batches`` is asked for whole blocks (``batch_size=None``)
   so Ray does not bundle them back together.
 
@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from modalforge.runtime.batch import ROW, BatchSummary, Scorer, blocks_for
+from modalforge.runtime.batch_score import ROW, BatchSummary, Scorer, blocks_for
 
 #: the column an actor adds to its results (its process id), counted and dropped by the driver
 WORKER = "__worker__"
