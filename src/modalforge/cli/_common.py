@@ -139,3 +139,23 @@ def _split_rows(manifest: Path, split: str | None):
     if "split" not in rows.frame:
         fail(f"--split {split}: {manifest} has no split column (pass --split '')")
     return rows.subset([i for i, v in enumerate(rows.frame["split"]) if str(v) == split])
+
+
+def report_batch(summary, manifest: Path, verb: str, shown: int = 5) -> None:
+    """``N rows predicted, F failed`` (how it ran), then the first ``shown`` failed rows."""
+    from rich.markup import escape
+
+    from modalforge.runtime.batch import describe
+
+    how = summary.mode
+    if summary.actors:
+        how += (
+            f", {summary.actors} actors × {summary.cpus_per_actor:g} CPU, {summary.blocks} blocks"
+        )
+    console.print(f"{summary.rows - summary.failed} rows {verb}, {summary.failed} failed, in "
+                  f"{summary.seconds:.1f} s ({summary.rows_per_second:.1f} rows/s; {how}) -> "
+                  f"{escape(summary.out)}")  # fmt: skip
+    for failure in summary.failures[:shown]:
+        console.print(f"  {escape(describe(manifest, failure))}", highlight=False)
+    if summary.failed > shown:
+        console.print(f"  ... and {summary.failed - shown} more (the output's error column)")

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.table import Table
 
-from modalforge.cli._common import _split_rows, console, fail
+from modalforge.cli._common import console, fail, report_batch
 
 index_app = typer.Typer(
     help="Embedding indexes of a contrastive bundle: build one over a manifest's column, then "
@@ -53,13 +54,37 @@ def index_build(
         ),
     ] = "auto",
     overwrite: Annotated[bool, typer.Option(help="Replace an existing index.")] = False,
+    ray: Annotated[
+        bool,
+        typer.Option(
+            "--ray",
+            help="Embed on Ray Data with a pool of engines (the running Ray, --ray-address, "
+            "or a new local one).",
+        ),
+    ] = False,
+    ray_address: Annotated[
+        str | None, typer.Option(help="--ray: join this Ray cluster (e.g. ray://head:10001).")
+    ] = None,
+    actors: Annotated[
+        int | None,
+        typer.Option(
+            help="--ray: engines in the pool (default: one per free CPU, less one CPU left "
+            "for Ray Data's own tasks)."
+        ),
+    ] = None,
+    batch_size: Annotated[int, typer.Option(help="Rows embedded per model call.")] = 64,
 ) -> None:
     """Embed one column of a manifest with its tower and save an index (index.json + vectors.npy
-    [+ hnsw.faiss]; no pickle). Each entry keeps its row's other columns as metadata."""
+    [+ hnsw.faiss]; no pickle). Each entry keeps its row's other columns as metadata.
+
+    The rows are streamed through the batch-predict engine (in this process, or on Ray Data
+    with --ray): a row whose file cannot be read or decoded is reported and left out of the
+    index, never a reason to stop."""
     import numpy as np
 
-    from modalforge.data.manifest import ManifestError, is_missing
+    from modalforge.data.manifest import ManifestError, is_missing, read_manifest
     from modalforge.index import EmbeddingIndex
+    from modalforge.runtime.batch import BatchSummary, score_manifest
 
     predictor = _contrastive(bundle)
     towers = predictor.model.columns
@@ -69,18 +94,35 @@ def index_build(
     if column not in towers:
         fail(f"--column {column!r}: the bundle's towers are {towers}")
     try:
-        rows = _split_rows(manifest, split)
-        present = [not is_missing(v) for v in rows.frame.get(column, [])]
-        if not any(present):
+        frame = read_manifest(manifest).frame  # each entry's metadata
+        if split and "split" not in frame:
+            fail(f"--split {split}: {manifest} has no split column (pass --split '')")
+        chosen = frame["split"].astype(str) == split if split else np.ones(len(frame), bool)
+        values = frame[column] if column in frame else [None] * len(frame)
+        present = chosen & np.array([not is_missing(v) for v in values], dtype=bool)
+        if not present.any():
             fail(f"{manifest}: no rows with column {column!r}")
-        rows = rows.subset(np.flatnonzero(present))
-        with console.status(f"embedding {len(rows)} rows of {column!r} ..."):
-            vectors, _ = predictor.embed(rows, column, progress=False)
-        key = id_column or ("id" if "id" in rows.frame else None)
-        if key is not None and key not in rows.frame:
-            fail(f"--id-column {key!r} not in {manifest}")
-        ids = [str(v) for v in rows.frame[key]] if key else [str(i) for i in rows.frame.index]
-        metadata = json.loads(rows.frame.to_json(orient="records"))
+        summary = BatchSummary(out=str(out), mode="ray" if ray else "in-process",
+                               batch_size=batch_size)  # fmt: skip
+        t0 = time.perf_counter()
+        _, tables = score_manifest(bundle, manifest, summary, ray=ray, actors=actors,
+                                   id_column=id_column, split=split, columns=[column],
+                                   ray_address=ray_address, skip_empty=True)  # fmt: skip
+        rows, ids, parts = [], [], []
+        for table in tables:
+            good = table.filter(table["error"].is_null())
+            rows += good["row"].to_pylist()
+            ids += good["id"].to_pylist()
+            if good.num_rows:
+                vectors = good[f"embedding:{column}"].combine_chunks()
+                parts.append(vectors.flatten().to_numpy().reshape(good.num_rows, -1))
+        summary.seconds = time.perf_counter() - t0
+        blank = int(chosen.sum() - present.sum())  # nothing to index, not failures
+        if not rows:
+            fail(f"{manifest}: no row of column {column!r} could be embedded ({summary.failed} "
+                 "failed)")  # fmt: skip
+        vectors = np.concatenate(parts).astype(np.float32)
+        metadata = json.loads(frame.iloc[rows].to_json(orient="records"))
         weights = predictor.bundle.files.get("model.safetensors", {}).get("sha256", "")
         info = {"bundle": str(bundle.resolve()), "column": column,
                 "manifest": str(manifest.resolve()), "model_version": weights[:12]}  # fmt: skip
@@ -88,6 +130,9 @@ def index_build(
         index.save(out, overwrite=overwrite)
     except (ManifestError, ValueError, FileExistsError) as err:
         fail(str(err))
+    report_batch(summary, manifest, "embedded")
+    if blank:
+        console.print(f"  rows without {column!r}, left out: {blank}")
     console.print(f"{out}: {len(index)} × {vectors.shape[1]} ({index.backend}, {dtype}) "
                   f"of {column!r}")  # fmt: skip
 

@@ -8,7 +8,15 @@ from typing import Annotated
 
 import typer
 
-from modalforge.cli._common import _encoder_flags, _many_options, _pairs, console, fail
+from modalforge.cli._common import (
+    _encoder_flags,
+    _many_options,
+    _pairs,
+    _split_rows,
+    console,
+    fail,
+    report_batch,
+)
 
 
 def _task_help() -> str:
@@ -216,23 +224,74 @@ def predict(
         Path | None, typer.Option(help="Predict every row of this manifest.")
     ] = None,
     out: Annotated[
-        Path | None, typer.Option("--out", "-o", help="With --manifest: write predictions (CSV).")
+        Path | None,
+        typer.Option(
+            "--out",
+            "-o",
+            help="With --manifest: write predictions. NAME.csv: one table; NAME.parquet: a "
+            "folder of Parquet shards, streamed (any manifest size, bad rows reported in an "
+            "error column instead of stopping the run).",
+        ),
+    ] = None,
+    ray: Annotated[
+        bool,
+        typer.Option(
+            "--ray",
+            help="With --out NAME.parquet: score on Ray Data with a pool of engines (the "
+            "running Ray, --ray-address, or a new local one).",
+        ),
+    ] = False,
+    ray_address: Annotated[
+        str | None, typer.Option(help="--ray: join this Ray cluster (e.g. ray://head:10001).")
+    ] = None,
+    actors: Annotated[
+        int | None,
+        typer.Option(
+            help="--ray: engines in the pool (default: one per free CPU, less one CPU left "
+            "for Ray Data's own tasks)."
+        ),
+    ] = None,
+    batch_size: Annotated[
+        int, typer.Option(help="With --out NAME.parquet: rows scored per model call.")
+    ] = 64,
+    id_column: Annotated[
+        str | None,
+        typer.Option(
+            help="Column of row ids in the output (default: 'id' if present, else the row number)."
+        ),
+    ] = None,
+    split: Annotated[
+        str | None, typer.Option(help="Only rows whose `split` column equals this.")
     ] = None,
 ) -> None:
     """Predict with a bundle: label, class probabilities and each input's contribution.
 
     One sample from --image / --text / --audio (or --value COLUMN=VALUE), or every row of
-    --manifest. A modality left out is treated as missing.
+    --manifest. A modality left out is treated as missing. With --out NAME.parquet the
+    manifest is streamed in batches (in this process, or on Ray Data with --ray); each output
+    row has the manifest row, its id, an error (null when it was scored) and the results, and
+    the command ends with the count of failed rows and the first of them (exit code 0).
     """
     import pandas as pd
 
     from modalforge.bundle import BundleError
     from modalforge.tasks.base import TaskPredictor
 
+    batch = out is not None and out.suffix.lower() == ".parquet"
+    if (ray or actors or ray_address or id_column) and not batch:
+        fail("--ray, --actors, --ray-address and --id-column write a folder of Parquet shards: "
+             "give --manifest and --out NAME.parquet")  # fmt: skip
+    if batch:
+        if manifest is None:
+            fail("--out NAME.parquet predicts a manifest: give --manifest")
+        _predict_batch(bundle, manifest, out, ray=ray, ray_address=ray_address, actors=actors,
+                       batch_size=batch_size, id_column=id_column, split=split)  # fmt: skip
+        return
     try:
         predictor = TaskPredictor.load(bundle)
         if manifest is not None:
-            table = predictor.predict(manifest)
+            rows = _split_rows(manifest, split) if split else manifest
+            table = predictor.predict(rows)
         else:
             row = _pairs(value, "--value")
             for modality, given in (("image", image), ("text", text), ("audio", audio)):
@@ -258,6 +317,18 @@ def predict(
         _print_one(table.iloc[0])
     else:
         console.print(table.head(20).to_string(index=False), highlight=False)
+
+
+def _predict_batch(bundle: Path, manifest: Path, out: Path, **options) -> None:
+    """``predict --manifest M --out NAME.parquet [--ray]``: stream, report the failed rows."""
+    from modalforge.bundle import BundleError
+    from modalforge.runtime.batch import predict_manifest
+
+    try:
+        summary = predict_manifest(bundle, manifest, out, **options)
+    except (BundleError, ValueError, FileNotFoundError, FileExistsError, KeyError) as err:
+        fail(str(err))
+    report_batch(summary, manifest, "predicted")
 
 
 def _print_one(row) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -90,9 +91,7 @@ def resolve_path(root: Path, value: Any) -> Path:
     return candidate
 
 
-def read_manifest(path: str | Path, root: str | Path | None = None) -> Manifest:
-    """Read a CSV / JSONL / Parquet manifest. ``root`` defaults to the manifest's folder."""
-    path = Path(path)
+def _format(path: Path) -> str:
     fmt = FORMATS.get(path.suffix.lower())
     if fmt is None:
         raise ManifestError(
@@ -100,11 +99,28 @@ def read_manifest(path: str | Path, root: str | Path | None = None) -> Manifest:
         )
     if not path.is_file():
         raise ManifestError(f"{path}: manifest file not found")
+    return fmt
+
+
+# keep_default_na=False + explicit na_values: the text "NA" or "null" in a caption column is
+# data, only empty cells are missing.
+_CSV = {"keep_default_na": False, "na_values": [""], "encoding": "utf-8"}
+
+
+def _columns(path: Path, frame: pd.DataFrame) -> pd.DataFrame:
+    frame.columns = [str(c) for c in frame.columns]
+    if len(frame.columns) != len(set(frame.columns)):
+        raise ManifestError(f"{path}: duplicate column names")
+    return frame
+
+
+def read_manifest(path: str | Path, root: str | Path | None = None) -> Manifest:
+    """Read a CSV / JSONL / Parquet manifest. ``root`` defaults to the manifest's folder."""
+    path = Path(path)
+    fmt = _format(path)
     try:
         if fmt == "csv":
-            # keep_default_na=False + explicit na_values: the text "NA" or "null" in a caption
-            # column is data, only empty cells are missing.
-            frame = pd.read_csv(path, keep_default_na=False, na_values=[""], encoding="utf-8")
+            frame = pd.read_csv(path, **_CSV)
         elif fmt == "jsonl":
             frame = pd.read_json(path, lines=True, dtype=False, encoding="utf-8")
         else:
@@ -113,10 +129,39 @@ def read_manifest(path: str | Path, root: str | Path | None = None) -> Manifest:
         raise ManifestError(f"{path}: not valid UTF-8 ({err.reason} at byte {err.start})") from err
     except (ValueError, OSError, pd.errors.ParserError) as err:
         raise ManifestError(f"{path}: cannot parse as {fmt}: {err}") from err
-    frame.columns = [str(c) for c in frame.columns]
-    if len(frame.columns) != len(set(frame.columns)):
-        raise ManifestError(f"{path}: duplicate column names")
+    frame = _columns(path, frame)
     return Manifest(frame=frame, root=Path(root) if root is not None else path.parent, path=path)
+
+
+def iter_manifest(
+    path: str | Path, rows: int, strings: Sequence[str] = ()
+) -> Iterator[pd.DataFrame]:
+    """The manifest ``read_manifest`` reads, in frames of at most ``rows`` rows, so a manifest of
+    any length is read in constant memory (Parquet by row batches, CSV / JSONL by lines). The
+    frames' index counts rows from the file's first (0-based, across frames). ``strings``: CSV
+    columns read as text in every frame (a frame of digit-only captions would otherwise parse as
+    numbers in that frame alone)."""
+    path = Path(path)
+    fmt = _format(path)
+    start = 0
+    try:
+        if fmt == "parquet":
+            import pyarrow.parquet as pq
+
+            frames = (b.to_pandas() for b in pq.ParquetFile(path).iter_batches(batch_size=rows))
+        elif fmt == "csv":
+            frames = pd.read_csv(path, chunksize=rows, dtype=dict.fromkeys(strings, str), **_CSV)
+        else:
+            frames = pd.read_json(path, lines=True, dtype=False, encoding="utf-8", chunksize=rows)
+        for frame in frames:
+            frame = _columns(path, frame)
+            frame.index = pd.RangeIndex(start, start + len(frame))
+            start += len(frame)
+            yield frame
+    except UnicodeDecodeError as err:
+        raise ManifestError(f"{path}: not valid UTF-8 ({err.reason} at byte {err.start})") from err
+    except (ValueError, OSError, pd.errors.ParserError) as err:
+        raise ManifestError(f"{path}: cannot parse as {fmt} (near row {start}): {err}") from err
 
 
 def write_manifest(frame: pd.DataFrame, path: str | Path) -> Path:
