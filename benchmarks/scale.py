@@ -161,8 +161,9 @@ def main() -> None:
     parser.add_argument("--parts", default="serving,batch,ddp")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "scale.json")
     args = parser.parse_args()
-    for path, how in ((args.manifest, "modalforge data build emoji --out data/emoji"),
-                      (args.bundle, "modalforge train --config configs/demo-emoji.yaml")):  # fmt: skip
+    needs = {args.manifest: "modalforge data build emoji --out data/emoji",
+             args.bundle: "modalforge train --config configs/demo-emoji.yaml"}  # fmt: skip
+    for path, how in needs.items():
         if not path.exists():
             raise SystemExit(f"{path} not found: make it first with `{how}`")
     # Ray's token from the environment (nothing in ~/.ray), usage stats off
