@@ -134,7 +134,7 @@ def plot(payload: dict, png: Path) -> None:
         elif part == "batch":
             runs = result["batch"]["runs"]
             names = list(runs)
-            labels = [n if n != "ray" else f"ray data ({runs[n]['actors']} x "
+            labels = [n if not runs[n].get("actors") else f"ray data ({runs[n]['actors']} x "
                       f"{runs[n]['cpus_per_actor']:g} CPU)" for n in names]  # fmt: skip
             ax.barh(labels, [runs[n]["rows_per_second"] for n in names], color="tab:green")
             ax.set_xlabel(f"rows/s, {result['batch']['rows']:,} rows")
@@ -160,6 +160,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3, help="ddp: epochs per run")
     parser.add_argument("--parts", default="serving,batch,ddp")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "scale.json")
+    parser.add_argument("--update", action="store_true",
+                        help="keep the parts of --out not run this time (each part records "
+                        "its own command and time)")  # fmt: skip
     args = parser.parse_args()
     needs = {args.manifest: "modalforge data build emoji --out data/emoji",
              args.bundle: "modalforge train --config configs/demo-emoji.yaml"}  # fmt: skip
@@ -176,6 +179,7 @@ def main() -> None:
     parts = [p for p in args.parts.split(",") if p]
     cores = len(os.sched_getaffinity(0))
     result: dict = {}
+    took: dict[str, float] = {}
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="scale-") as tmp:
         work = Path(tmp)
@@ -184,22 +188,30 @@ def main() -> None:
 
             result["serving"] = scale_serve.measure(args.bundle, args.seconds, args.clients,
                                                     args.manifest)  # fmt: skip
+            took["serving"] = round(time.perf_counter() - t0, 1)
             print(json.dumps(result["serving"]["variants"], indent=1)[:3000], flush=True)
         if "batch" in parts:
             import scale_batch
 
+            # Ray's default pool (a CPU left free for Ray Data) and 2 actors sharing the rest
             result["batch"] = scale_batch.measure(args.bundle, args.manifest, args.rows,
-                                                  work / "batch")  # fmt: skip
+                                                  work / "batch", actors=(None, 2))  # fmt: skip
+            took["batch"] = round(time.perf_counter() - t0 - sum(took.values()), 1)
             print(json.dumps(result["batch"]["runs"], indent=1), flush=True)
         if "ddp" in parts:
             result["ddp"] = ddp(args.manifest, work, args.epochs)
+            took["ddp"] = round(time.perf_counter() - t0 - sum(took.values()), 1)
             print(json.dumps(result["ddp"]["runs"], indent=1), flush=True)
+    command = "PYTHONPATH=src .venv/bin/python benchmarks/scale.py " + " ".join(sys.argv[1:])
+    when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    for name, part in result.items():
+        part.update(command=command, measured_at=when, part_seconds=took[name])
+    if args.update and args.out.is_file():
+        result = {**json.loads(args.out.read_text())["result"], **result}
     payload = {
         "machine": {"cpus": cores, "cpu": cpu_name()},
-        "command": "PYTHONPATH=src .venv/bin/python benchmarks/scale.py " + " ".join(sys.argv[1:]),
         "result": result,
         "cost": cost(result, cores),
-        "total_seconds": round(time.perf_counter() - t0, 1),
     }
     png = write_results(args.out, payload, plot)
     print(json.dumps(payload["cost"], indent=1))

@@ -10,7 +10,7 @@ Without ``--bundle`` / ``--manifest``, the serving tests' toy classifier (image 
 Both runs go through ``runtime.batch.predict_manifest`` with the same ``--batch-size``:
 
 * in-process: the manifest streamed ``batch-size`` rows at a time, torch's default threads;
-  peak RSS growth over the run (``ru_maxrss``) says whether memory stays flat;
+  resident memory sampled through the run (``RssSampler``) says whether it stays flat;
 * Ray Data: a local Ray of ``--ray-cpus`` CPUs (default: this machine's), started before the
   timer (``ray_start_seconds``, reported apart), the actor pool sized by ``plan_pool`` (or
   ``--actors``); the time includes starting the actors and loading an engine in each.
@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import resource
 import secrets
 import shutil
 import sys
@@ -46,14 +45,12 @@ def big_manifest(manifest: Path, rows: int) -> Path:
 
     frame = read_manifest(manifest).frame
     repeated = frame.iloc[np.arange(rows) % len(frame)].reset_index(drop=True)
-    repeated.insert(0, "id", [f"r{i}" for i in range(rows)])
+    ids = [f"r{i}" for i in range(rows)]  # unique, replacing a manifest's own (repeated) ids
+    repeated = repeated.drop(columns=["id"], errors="ignore")
+    repeated.insert(0, "id", ids)
     path = manifest.with_name(f".scale_batch-{rows}-{os.getpid()}.parquet")
     repeated.to_parquet(path, index=False)
     return path
-
-
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _compare(a: Path, b: Path) -> dict:
@@ -91,35 +88,71 @@ def local_ray(cpus: int | None):
 
 
 def measure(bundle: Path, manifest: Path, rows: int, work: Path, *, batch_size: int = 64,
-            actors: int | None = None, ray_cpus: int | None = None) -> dict:  # fmt: skip
+            actors: tuple[int | None, ...] = (None,),
+            ray_cpus: int | None = None) -> dict:  # fmt: skip
     """Time in-process and Ray Data batch predict of ``rows`` rows (``manifest``'s, repeated)
-    with ``bundle``; outputs under ``work``. -> a JSON-safe dict of both runs."""
+    with ``bundle``, once per pool size in ``actors`` (None: ``plan_pool``'s default); outputs
+    under ``work``. -> a JSON-safe dict of every run."""
     from modalforge.runtime.batch import predict_manifest
 
     work.mkdir(parents=True, exist_ok=True)
     big = big_manifest(Path(manifest), rows)
-    runs = {}
+    runs, same = {}, {}
     try:
         busy = busy_fraction()
-        rss0 = _peak_rss_mb()
-        s = predict_manifest(bundle, big, work / "inproc.parquet", batch_size=batch_size,
-                             progress=False)  # fmt: skip
-        runs["in-process"] = {**_run(s), "busy_before": round(busy, 3),
-                              "peak_rss_growth_mb": round(_peak_rss_mb() - rss0, 1)}  # fmt: skip
+        with RssSampler() as rss:
+            s = predict_manifest(bundle, big, work / "inproc.parquet", batch_size=batch_size,
+                                 progress=False)  # fmt: skip
+        runs["in-process"] = {**_run(s), "busy_before": round(busy, 3), **rss.summary()}
         t0 = time.perf_counter()
         with local_ray(ray_cpus) as ray:
             started = time.perf_counter() - t0
             cpus = ray.cluster_resources().get("CPU", 0.0)
-            busy = busy_fraction()
-            s = predict_manifest(bundle, big, work / "ray.parquet", ray=True, actors=actors,
-                                 batch_size=batch_size, progress=False)  # fmt: skip
-        runs["ray"] = {**_run(s), "busy_before": round(busy, 3), "cluster_cpus": cpus,
-                       "ray_start_seconds": round(started, 2)}  # fmt: skip
-        same = _compare(work / "inproc.parquet", work / "ray.parquet")
+            for n in actors:
+                name = "ray" if n is None else f"ray-{n}-actors"
+                busy = busy_fraction()
+                s = predict_manifest(bundle, big, work / f"{name}.parquet", ray=True, actors=n,
+                                     batch_size=batch_size, progress=False)  # fmt: skip
+                runs[name] = {**_run(s), "busy_before": round(busy, 3), "cluster_cpus": cpus,
+                              "ray_start_seconds": round(started, 2)}  # fmt: skip
+                same[name] = _compare(work / "inproc.parquet", work / f"{name}.parquet")
     finally:
         big.unlink(missing_ok=True)
     return {"rows": rows, "batch_size": batch_size, "bundle": str(bundle),
             "manifest": str(manifest), "runs": runs, "outputs_agree": same}  # fmt: skip
+
+
+class RssSampler:
+    """This process's resident memory (``VmRSS``) every 0.5 s while the block runs: the
+    in-process run's memory should stay flat once the engine is loaded and warm."""
+
+    def __enter__(self):
+        import threading
+
+        self.samples: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.5):
+            for line in Path("/proc/self/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    self.samples.append(int(line.split()[1]) / 1024)
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def summary(self) -> dict:
+        """RSS at a tenth of the run (engine loaded, first shards scored), at its end, peak."""
+        if len(self.samples) < 10:
+            return {}
+        early, end = self.samples[len(self.samples) // 10], self.samples[-1]
+        return {"rss_mb_at_10pct": round(early, 1), "rss_mb_at_end": round(end, 1),
+                "rss_mb_peak": round(max(self.samples), 1),
+                "rss_growth_after_10pct": round(end / early - 1, 4)}  # fmt: skip
 
 
 def _run(s) -> dict:
@@ -137,7 +170,7 @@ def plot(payload: dict, png: Path) -> None:
 
     runs = payload["result"]["runs"]
     names = list(runs)
-    labels = [n if n != "ray" else f"ray ({runs[n]['actors']} actors × "
+    labels = [n if not runs[n].get("actors") else f"ray ({runs[n]['actors']} actors × "
               f"{runs[n]['cpus_per_actor']:g} CPU)" for n in names]  # fmt: skip
     fig, ax = plt.subplots(figsize=(6, 2.4))
     ax.barh(labels, [runs[n]["rows_per_second"] for n in names])
@@ -170,7 +203,7 @@ def main() -> None:
         if manifest is None:
             parser.error("--bundle needs --manifest (the rows to repeat)")
         result = measure(bundle, manifest, args.rows, work / "out", batch_size=args.batch_size,
-                         actors=args.actors, ray_cpus=args.ray_cpus)  # fmt: skip
+                         actors=(args.actors,), ray_cpus=args.ray_cpus)  # fmt: skip
     payload = {"machine": {"cpus": os.cpu_count(), "cpu": cpu_name()}, "result": result}
     png = write_results(args.out, payload, plot)
     runs = result["runs"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -17,6 +18,25 @@ import yaml
 from modalforge import tasks
 
 from .conftest import write_toy_manifest
+
+
+def train_on_two_processes(config, env: dict[str, str], timeout: float = 600) -> tuple[int, str]:
+    """``modalforge train --config CONFIG`` on 2 gloo processes -> (exit code, its output). On
+    a timeout the whole process group is killed: a hung rank ignores SIGTERM (Lightning waits
+    in its collective), and Lightning's launcher started the other rank as a child."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "modalforge.cli", "train", "--config", str(config),
+         "--devices", "2", "--strategy", "ddp", "--accelerator", "cpu"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        raise AssertionError(f"DDP training hung for {timeout} s:\n{out[-3000:]}") from None
+    return proc.returncode, out
 
 
 def test_two_processes_train_one_bundle_whose_metrics_equal_a_single_process_evaluation(
@@ -38,13 +58,8 @@ def test_two_processes_train_one_bundle_whose_metrics_equal_a_single_process_eva
     }  # fmt: skip
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     env = {**os.environ, "MODALFORGE_CACHE": str(tmp_path / "cache")}
-    proc = subprocess.run(
-        [sys.executable, "-m", "modalforge.cli", "train", "--config", str(tmp_path / "config.yaml"),
-         "--devices", "2", "--strategy", "ddp", "--accelerator", "cpu"],
-        capture_output=True, text=True, env=env, timeout=600,
-    )  # fmt: skip
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out[-3000:]
+    code, out = train_on_two_processes(tmp_path / "config.yaml", env)
+    assert code == 0, out[-3000:]
     assert out.count("rank 1 of 2: trained") == 1, out[-3000:]
     assert out.count("bundle: ") == 1 and out.count("report: ") == 1, out[-3000:]
     assert "sync_dist" not in out  # epoch metrics are reduced across the ranks
@@ -86,13 +101,8 @@ def test_the_chat_llm_trains_on_two_processes_and_rank_0_alone_writes(tmp_path):
     }  # fmt: skip
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     env = {**os.environ, "MODALFORGE_CACHE": str(tmp_path / "cache")}
-    proc = subprocess.run(
-        [sys.executable, "-m", "modalforge.cli", "train", "--config", str(tmp_path / "config.yaml"),
-         "--devices", "2", "--strategy", "ddp", "--accelerator", "cpu"],
-        capture_output=True, text=True, env=env, timeout=600,
-    )  # fmt: skip
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out[-3000:]
+    code, out = train_on_two_processes(tmp_path / "config.yaml", env)
+    assert code == 0, out[-3000:]
     assert out.count("rank 1 of 2: trained") == 1 and out.count("bundle: ") == 1, out[-3000:]
     history = json.loads((tmp_path / "run" / "history.json").read_text())
     assert [s["processes"] for s in history["stages"]] == [2, 2]

@@ -66,7 +66,8 @@ def plan_pool(free_cpus: float, actors: int | None = None) -> Pool:
 class RayScorer:
     """One actor of the pool: loads the bundle's engine once, scores one block per call."""
 
-    def __init__(self, bundle: str, root: str, columns, id_column, threads: int) -> None:
+    def __init__(self, bundle: str, root: str, columns, id_column, threads: int,
+                 tuning=None) -> None:  # fmt: skip
         import os
 
         import torch
@@ -74,7 +75,11 @@ class RayScorer:
         from modalforge.runtime.engine import Engine
 
         torch.set_num_threads(threads)  # the actor's CPU share, not the machine's cores
-        self.scorer = Scorer(Engine.from_bundle(bundle), root, columns, id_column)
+        engine = Engine.from_bundle(bundle)
+        engine.warmup(tune=False)
+        if tuning:  # the driver's: every actor chunks and pads as the in-process path does
+            engine.apply_tuning(tuning)
+        self.scorer = Scorer(engine, root, columns, id_column)
         self.pid = os.getpid()
 
     def __call__(self, frame: pd.DataFrame):
@@ -98,9 +103,9 @@ def connect(address: str | None = None):
 
 def ray_tables(bundle: Path, root: Path, frames: Iterator[pd.DataFrame], summary: BatchSummary,
                *, columns=None, id_column: str | None = None, actors: int | None = None,
-               address: str | None = None) -> Iterator:  # fmt: skip
+               address: str | None = None, tuning=None) -> Iterator:  # fmt: skip
     """The results of every frame's rows, scored on Ray Data, in the manifest's order; fills
-    in ``summary``'s pool fields."""
+    in ``summary``'s pool fields. ``tuning``: an ``Engine.tune`` result every actor applies."""
     import numpy as np
 
     ray, started = connect(address)
@@ -126,7 +131,8 @@ def ray_tables(bundle: Path, root: Path, frames: Iterator[pd.DataFrame], summary
         scored = dataset.map_batches(
             RayScorer,
             fn_constructor_kwargs={"bundle": str(bundle), "root": str(root), "columns": columns,
-                                   "id_column": id_column, "threads": pool.torch_threads},
+                                   "id_column": id_column, "threads": pool.torch_threads,
+                                   "tuning": tuning},
             compute=ray.data.ActorPoolStrategy(size=pool.actors), num_cpus=pool.cpus_per_actor,
             batch_size=None,
             batch_format="pandas",
