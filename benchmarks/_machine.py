@@ -1,11 +1,16 @@
 """What the benchmarks share: what they read about the machine (CPU time of the whole machine
-from /proc/stat, how busy the CPUs are, the processor's name) and how they write their results.
-Imported by the scripts beside it."""
+from /proc/stat, how busy the CPUs are, the processor's name), how they write their results, and
+the local Ray the scale-out ones run on. Imported by the scripts beside it."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import platform
+import secrets
+import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -57,3 +62,26 @@ def write_results(
     png = out.with_suffix(".png")
     plot(payload, png)
     return png
+
+
+@contextlib.contextmanager
+def local_ray(cpus: int | None, object_store_memory: int | None = None):
+    """A local Ray for a benchmark, writing nothing into the home folder (as ``tests/conftest``:
+    a token in the environment, set before ray is imported, usage stats off, session files in a
+    temporary folder), shut down after; the running Ray if this process has one."""
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(16))
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    import ray
+
+    if ray.is_initialized():
+        yield ray
+        return
+    temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
+    ray.init(num_cpus=cpus, include_dashboard=False, _temp_dir=temp, log_to_driver=False,
+             object_store_memory=object_store_memory)  # fmt: skip
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+        shutil.rmtree(temp, ignore_errors=True)

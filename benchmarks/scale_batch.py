@@ -23,10 +23,7 @@ JSON and a PNG (rows per second) beside it.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
-import secrets
-import shutil
 import sys
 import tempfile
 import time
@@ -36,7 +33,7 @@ import numpy as np
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _machine import busy_fraction, cpu_name, write_results
+from _machine import busy_fraction, cpu_name, local_ray, write_results
 
 
 def big_manifest(manifest: Path, rows: int) -> Path:
@@ -63,28 +60,6 @@ def _compare(a: Path, b: Path) -> dict:
         "same_errors": bool((x["error"].fillna("") == y["error"].fillna("")).all()),
         "max_abs_prob_diff": float(np.nanmax(np.abs(x[probs].to_numpy() - y[probs].to_numpy()))),
     }
-
-
-@contextlib.contextmanager
-def local_ray(cpus: int | None):
-    """A local Ray for the run, writing nothing into the home folder (as ``tests/conftest``:
-    a token in the environment, usage stats off, session files in a temporary folder); the
-    running Ray if this process has one."""
-    os.environ.setdefault("RAY_AUTH_MODE", "token")
-    os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(16))
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    import ray
-
-    if ray.is_initialized():
-        yield ray
-        return
-    temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
-    ray.init(num_cpus=cpus, include_dashboard=False, _temp_dir=temp, log_to_driver=False)
-    try:
-        yield ray
-    finally:
-        ray.shutdown()
-        shutil.rmtree(temp, ignore_errors=True)
 
 
 def measure(bundle: Path, manifest: Path, rows: int, work: Path, *, batch_size: int = 64,

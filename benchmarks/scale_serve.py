@@ -17,9 +17,9 @@ separate process, aiohttp, pre-encoded multipart bodies posted to ``/v1/predict`
   replica's own micro-batcher (``ServeBatchReplica``: the app's batcher queue replaced by a
   ``@serve.batch`` method running the same ``engine.handle`` in the same inference thread).
 
-Ray variants share one local Ray (``num_cpus`` = cores); its token and usage stats are set in
-the environment here (nothing written to the home folder). Server CPU is measured for the plain
-server only (Ray's replicas are other processes). Writes JSON beside a printed table.
+Ray variants share one local Ray (``num_cpus`` = cores, ``_machine.local_ray``: nothing
+written to the home folder). Server CPU is measured for the plain server only (Ray's replicas
+are other processes). Writes JSON beside a printed table.
 """
 
 from __future__ import annotations
@@ -28,8 +28,6 @@ import argparse
 import asyncio
 import json
 import os
-import secrets
-import shutil
 import sys
 import tempfile
 import time
@@ -40,6 +38,7 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent), str(HERE.parent / "src")]
 
 import serve as serve_bench  # noqa: E402  (benchmarks/serve.py: the load generator)
+from _machine import local_ray  # noqa: E402
 from modalforge.serve.ray_serve import Replica  # noqa: E402
 
 VARIANTS = ("plain", "ray-1", "ray-2", "ray-1-ongoing5", "ray-2-serve-batch")
@@ -145,17 +144,9 @@ def measure(bundle: Path, seconds: float, clients: int = 32, manifest: Path | No
             server.stop()
     ray_variants = [v for v in variants if v.startswith("ray-")]
     if ray_variants:
-        import ray
-
-        temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
-        ray.init(num_cpus=cores, include_dashboard=False, _temp_dir=temp, log_to_driver=False,
-                 object_store_memory=256 * 2**20)  # fmt: skip
-        try:
+        with local_ray(cores, object_store_memory=256 * 2**20):
             for variant in ray_variants:
                 results[variant] = _ray_variant(variant, bundle, args, work, cores)
-        finally:
-            ray.shutdown()
-            shutil.rmtree(temp, ignore_errors=True)
     return {"bundle": str(bundle), "clients": clients, "seconds": seconds, "cores": cores,
             "variants": results}  # fmt: skip
 
@@ -170,10 +161,6 @@ def main() -> None:
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--out", type=Path, default=HERE / "results" / "scale_serve.json")
     args = parser.parse_args()
-    # Ray's token comes from the environment (no ~/.ray/auth_token), usage stats off
-    os.environ.setdefault("RAY_AUTH_MODE", "token")
-    os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(16))
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ["PYTHONPATH"] = os.pathsep.join(
         [str(HERE.parent / "src"), str(HERE.parent), os.environ.get("PYTHONPATH", "")]
     )
