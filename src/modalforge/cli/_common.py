@@ -35,6 +35,16 @@ BadRowOpt = Annotated[
     str,
     typer.Option("--on-bad-row", help="skip: drop bad rows and go on; fail: stop with the report."),
 ]
+RayAddressOpt = Annotated[
+    str | None, typer.Option(help="--ray: join this Ray cluster (e.g. ray://head:10001).")
+]
+ActorsOpt = Annotated[
+    int | None,
+    typer.Option(
+        help="--ray: engines in the pool (default: one per free CPU, less one CPU left "
+        "for Ray Data's own tasks)."
+    ),
+]
 
 
 def fail(message: str, code: int = 1) -> None:

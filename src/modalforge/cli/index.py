@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from modalforge.cli._common import console, fail, report_batch
+from modalforge.cli._common import ActorsOpt, RayAddressOpt, console, fail, report_batch
 
 index_app = typer.Typer(
     help="Embedding indexes of a contrastive bundle: build one over a manifest's column, then "
@@ -62,16 +62,8 @@ def index_build(
             "or a new local one).",
         ),
     ] = False,
-    ray_address: Annotated[
-        str | None, typer.Option(help="--ray: join this Ray cluster (e.g. ray://head:10001).")
-    ] = None,
-    actors: Annotated[
-        int | None,
-        typer.Option(
-            help="--ray: engines in the pool (default: one per free CPU, less one CPU left "
-            "for Ray Data's own tasks)."
-        ),
-    ] = None,
+    ray_address: RayAddressOpt = None,
+    actors: ActorsOpt = None,
     batch_size: Annotated[int, typer.Option(help="Rows embedded per model call.")] = 64,
 ) -> None:
     """Embed one column of a manifest with its tower and save an index (index.json + vectors.npy

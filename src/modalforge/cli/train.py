@@ -9,6 +9,8 @@ from typing import Annotated
 import typer
 
 from modalforge.cli._common import (
+    ActorsOpt,
+    RayAddressOpt,
     _encoder_flags,
     _many_options,
     _pairs,
@@ -241,16 +243,8 @@ def predict(
             "running Ray, --ray-address, or a new local one).",
         ),
     ] = False,
-    ray_address: Annotated[
-        str | None, typer.Option(help="--ray: join this Ray cluster (e.g. ray://head:10001).")
-    ] = None,
-    actors: Annotated[
-        int | None,
-        typer.Option(
-            help="--ray: engines in the pool (default: one per free CPU, less one CPU left "
-            "for Ray Data's own tasks)."
-        ),
-    ] = None,
+    ray_address: RayAddressOpt = None,
+    actors: ActorsOpt = None,
     batch_size: Annotated[
         int, typer.Option(help="With --out NAME.parquet: rows scored per model call.")
     ] = 64,
