@@ -34,6 +34,8 @@ from modalforge.runtime.batch_score import ROW, BatchSummary, Scorer, blocks_for
 
 #: the column an actor adds to its results (its process id), counted and dropped by the driver
 WORKER = "__worker__"
+#: longest the pool may take to start every actor (load and warm its engine) before Ray raises
+ACTOR_START_TIMEOUT_S = 600
 
 
 @dataclass(frozen=True)
@@ -112,7 +114,8 @@ def ray_tables(bundle: Path, root: Path, frames: Iterator[pd.DataFrame], summary
     from ray.data import DataContext
 
     context = DataContext.get_current()
-    saved = (context.execution_options.preserve_order, context.enable_progress_bars)
+    saved = (context.execution_options.preserve_order, context.enable_progress_bars,
+             context.wait_for_min_actors_s)  # fmt: skip
     try:
         pool = plan_pool(ray.available_resources().get("CPU", 0.0), actors)
         parts = list(frames)
@@ -126,6 +129,11 @@ def ray_tables(bundle: Path, root: Path, frames: Iterator[pd.DataFrame], summary
         # the same results in the same order as in-process (blocks are scored apart)
         context.execution_options.preserve_order = True
         context.enable_progress_bars = False  # the caller shows one bar
+        # every actor loaded (and warmed) before the first block goes out: by default the
+        # first actor to be ready takes the queued blocks while the others still load their
+        # engines (seen: all 5 blocks of a 35-row run on one of 2 actors); and a pool that
+        # cannot be placed fails with Ray's timeout instead of waiting without a word
+        context.wait_for_min_actors_s = ACTOR_START_TIMEOUT_S
         cuts = np.array_split(np.arange(n), blocks)
         dataset = ray.data.from_pandas([data.iloc[c].reset_index(drop=True) for c in cuts])
         scored = dataset.map_batches(
@@ -143,7 +151,8 @@ def ray_tables(bundle: Path, root: Path, frames: Iterator[pd.DataFrame], summary
             summary.rows_per_actor = sorted(per_actor.values(), reverse=True)
             yield table.drop_columns([WORKER])
     finally:
-        context.execution_options.preserve_order, context.enable_progress_bars = saved
+        (context.execution_options.preserve_order, context.enable_progress_bars,
+         context.wait_for_min_actors_s) = saved  # fmt: skip
         if started:
             ray.shutdown()
 
